@@ -1,0 +1,55 @@
+# The whole set-up for a newcomer: `make run` (the node on its defaults) and `make test`.
+# Variables (override on the command line, e.g. `make install TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url URL"`):
+#   PYTHON          interpreter that creates the virtualenv (Python 3.11)
+#   TORCH_SPEC      the torch requirement installed before the project. The default pins the CPU
+#                   build available here; an unpinned `torch` pulls several GB of CUDA packages.
+#   TORCH_PIP_ARGS  extra pip arguments for torch only (e.g. a CUDA or CPU wheel index on a GPU host)
+#   PYTEST_ARGS     extra pytest arguments (e.g. -k rules, -x)
+#   CONFIG          config file for `make run`
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+CONFIG ?= config/node.yaml
+PIP := $(VENV)/bin/pip
+DEBIAN_TOOLS := dcmtk dicom3tools
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test demo clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install: $(STAMP)  ## create .venv, install torch, then the project with its dev extras
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+run: install  ## run the node on config/node.yaml (embedded defaults)
+	$(VENV)/bin/dicom-node serve --config $(CONFIG)
+
+debian-tools:
+	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools; do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing$$missing (run as root or install them: apt-get install$$missing); tests that need them fail"; fi; \
+	fi
+
+test: install debian-tools  ## install everything the tests need, then run them all
+	$(VENV)/bin/python -m pytest -n auto $(PYTEST_ARGS)
+
+demo: install  ## end-to-end demo (filled in by the DICOM-node and PACS issues)
+	@echo "make demo: the end-to-end demo needs the DICOM node (issue #5) and the PACS loop (issue #6); not built yet." >&2
+	@exit 3
+
+clean:  ## remove the virtualenv and caches (keeps var/ data)
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,238 @@
+"""The node's configuration: one validated schema, loaded from YAML.
+
+Every default lives in ``config/node.yaml`` (with a comment per key); the schema below holds the
+same values so that a config file may leave any key out. A test keeps the two equal.
+
+Relative paths in a config file (``storage.root``, ``model.path``, ``rules``, a relative SQLite
+file in ``database.url``) are resolved against the directory of that config file, so the node
+behaves the same whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicom_node.paths import DEFAULT_CONFIG
+
+AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # printable ASCII without backslash, 1-16 chars
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased as one line: ``FILE: KEY: what was expected``."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a misspelt key silently falling back to a default is how a
+    # node ends up answering on the wrong AE title.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    if not re.fullmatch(AE_TITLE_PATTERN, value) or not value.strip():
+        raise ValueError("an AE title of 1-16 printable ASCII characters, no backslash")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class NodeSection(_Section):
+    ae_title: AETitle = "ILD_NODE"
+    port: Port = 11112
+    bind_address: str = "0.0.0.0"
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class StorageSection(_Section):
+    root: Path = Path("../var/storage")
+    min_free_gb: float = Field(default=2.0, ge=0)
+
+
+class DatabaseSection(_Section):
+    url: str = "sqlite:///../var/node.db"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError("a SQLAlchemy URL starting with sqlite:/// or postgresql://")
+        return value
+
+
+class CompletionSection(_Section):
+    series_quiet_seconds: float = Field(default=30.0, gt=0)
+    study_quiet_seconds: float = Field(default=60.0, gt=0)
+    max_wait_seconds: float = Field(default=1800.0, gt=0)
+    start_when_roles_complete: bool = True
+
+
+class Destination(_Section):
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+
+
+class ModelSection(_Section):
+    path: Path = Path("../models/ild-demo.safetensors")
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("one of auto, cpu, cuda, cuda:N")
+        return value
+
+
+class WebSection(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class LoggingSection(_Section):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+        return value.upper()
+
+
+class NodeConfig(_Section):
+    """The whole node configuration (see ``config/node.yaml`` for what each key means)."""
+
+    node: NodeSection = NodeSection()
+    storage: StorageSection = StorageSection()
+    database: DatabaseSection = DatabaseSection()
+    completion: CompletionSection = CompletionSection()
+    destinations: list[Destination] = []
+    model: ModelSection = ModelSection()
+    web: WebSection = WebSection()
+    rules: Path = Path("series_rules.yaml")
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("unique destination names")
+        if self.node.port == self.web.port:
+            raise ValueError("node.port and web.port to differ")
+        return self
+
+    def resolved(self, base: Path) -> NodeConfig:
+        """Return a copy whose relative paths are made absolute against ``base`` (a directory)."""
+
+        def absolute(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and url != prefix + ":memory:" and not url[len(prefix):].startswith("/"):
+            url = prefix + str(absolute(Path(url[len(prefix):])))
+        return self.model_copy(
+            update={
+                "storage": self.storage.model_copy(update={"root": absolute(self.storage.root)}),
+                "database": self.database.model_copy(update={"url": url}),
+                "model": self.model.model_copy(update={"path": absolute(self.model.path)}),
+                "rules": absolute(self.rules),
+            }
+        )
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """Turn one pydantic error into 'key: expected ..., got ...'."""
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling against config/node.yaml)"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    # pydantic says "Input should be X" / "Value error, X": keep X, the expectation.
+    message = error["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
+    if not isinstance(got, (dict, list)):
+        message += f", got {got!r}"
+    return f"{key}: expected {message}"
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG) -> NodeConfig:
+    """Read, validate and resolve a YAML config file.
+
+    Raises ``ConfigError`` with a single line naming the file, the key and what was expected.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    try:
+        config = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{path}: {_describe(errors[0])}{extra}") from None
+    return config.resolved(path.resolve().parent)
+
+
+def check_ports_free(config: NodeConfig, config_path: Path | str) -> None:
+    """Fail with ``ConfigError`` if the DICOM or web port cannot be bound (checked at start-up)."""
+    for key, host, port in (
+        ("node.port", config.node.bind_address, config.node.port),
+        ("web.port", config.web.host, config.web.port),
+    ):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # Like the real listener: a port in TIME_WAIT is free, one with a listener is not.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise ConfigError(
+                    f"{config_path}: {key}: expected a free TCP port, but {host}:{port} is {reason}"
+                ) from None
+
+
+def to_yaml(config: NodeConfig) -> str:
+    """The resolved configuration as YAML (what `dicom-node config show` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
