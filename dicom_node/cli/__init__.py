@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from dicom_node import __version__
+from dicom_node.cli.rules import app as rules_app
 from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config, to_yaml
 from dicom_node.paths import DEFAULT_CONFIG
 
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check or show the node's configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
 
 ConfigOption = typer.Option(
     DEFAULT_CONFIG,
