@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from dicom_node import __version__
+from dicom_node.cli.phantom import phantom
 from dicom_node.cli.rules import app as rules_app
 from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config, to_yaml
 from dicom_node.paths import DEFAULT_CONFIG
@@ -30,6 +31,10 @@ app = typer.Typer(
 config_app = typer.Typer(help="Check or show the node's configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(rules_app, name="rules")
+app.command(
+    "phantom",
+    help="Generate synthetic multi-sequence MR brain-metastasis studies (DICOM or NIfTI) with ground truth.",
+)(phantom)
 
 ConfigOption = typer.Option(
     DEFAULT_CONFIG,
