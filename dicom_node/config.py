@@ -15,7 +15,7 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import yaml
 from pydantic import (
@@ -23,19 +23,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from dicom_node.paths import DEFAULT_CONFIG
+from dicom_node.yaml_files import YamlFileError, load_yaml_model
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # printable ASCII without backslash, 1-16 chars
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-class ConfigError(Exception):
+class ConfigError(YamlFileError):
     """A configuration problem, phrased as one line: ``FILE: KEY: what was expected``."""
 
 
@@ -47,7 +47,7 @@ class _Section(BaseModel):
 
 def _check_ae_title(value: str) -> str:
     if not re.fullmatch(AE_TITLE_PATTERN, value) or not value.strip():
-        raise ValueError("an AE title of 1-16 printable ASCII characters, no backslash")
+        raise ValueError("expected an AE title of 1-16 printable ASCII characters, no backslash")
     return value.strip()
 
 
@@ -62,7 +62,10 @@ class NodeSection(_Section):
     @field_validator("bind_address")
     @classmethod
     def _ip(cls, value: str) -> str:
-        ipaddress.ip_address(value)
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("expected an IPv4 or IPv6 address such as 0.0.0.0 or 127.0.0.1") from None
         return value
 
 
@@ -78,7 +81,7 @@ class DatabaseSection(_Section):
     @classmethod
     def _scheme(cls, value: str) -> str:
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
-            raise ValueError("a SQLAlchemy URL starting with sqlite:/// or postgresql://")
+            raise ValueError("expected a SQLAlchemy URL starting with sqlite:/// or postgresql://")
         return value
 
 
@@ -104,7 +107,7 @@ class ModelSection(_Section):
     @classmethod
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError("one of auto, cpu, cuda, cuda:N")
+            raise ValueError("expected one of auto, cpu, cuda, cuda:N")
         return value
 
 
@@ -120,7 +123,7 @@ class LoggingSection(_Section):
     @classmethod
     def _level(cls, value: str) -> str:
         if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+            raise ValueError("expected one of DEBUG, INFO, WARNING, ERROR")
         return value.upper()
 
 
@@ -141,9 +144,9 @@ class NodeConfig(_Section):
     def _distinct(self) -> NodeConfig:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
-            raise ValueError("unique destination names")
+            raise ValueError("expected unique destination names")
         if self.node.port == self.web.port:
-            raise ValueError("node.port and web.port to differ")
+            raise ValueError("expected node.port and web.port to differ")
         return self
 
     def resolved(self, base: Path) -> NodeConfig:
@@ -166,51 +169,13 @@ class NodeConfig(_Section):
         )
 
 
-def _describe(error: dict[str, Any]) -> str:
-    """Turn one pydantic error into 'key: expected ..., got ...'."""
-    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    kind = error["type"]
-    got = error.get("input")
-    if kind == "extra_forbidden":
-        return f"{key}: unknown key (check its spelling against config/node.yaml)"
-    if kind == "missing":
-        return f"{key}: required key is missing"
-    # pydantic says "Input should be X" / "Value error, X": keep X, the expectation.
-    message = error["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
-    if not isinstance(got, (dict, list)):
-        message += f", got {got!r}"
-    return f"{key}: expected {message}"
-
-
 def load_config(path: Path | str = DEFAULT_CONFIG) -> NodeConfig:
     """Read, validate and resolve a YAML config file.
 
     Raises ``ConfigError`` with a single line naming the file, the key and what was expected.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: (top level): expected a mapping of sections, got {type(data).__name__}")
-    try:
-        config = NodeConfig.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(f"{path}: {_describe(errors[0])}{extra}") from None
+    config = load_yaml_model(path, NodeConfig, what="config file", reference="config/node.yaml", error=ConfigError)
     return config.resolved(path.resolve().parent)
 
 

@@ -26,17 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydicom.uid import UID
 
 from dicom_node.headers import SeriesFeatures
 from dicom_node.paths import DEFAULT_RULES
+from dicom_node.yaml_files import YamlFileError, load_yaml_model
 
 POST, PRE, UNKNOWN = "post", "pre", "unknown"
 
 
-class RulesError(ValueError):
+class RulesError(YamlFileError):
     """A rules file that cannot be used; the message is one line naming the file and the key."""
 
 
@@ -257,38 +257,8 @@ def default_rules_path() -> Path:
 def load_rules(path: str | Path | None = None) -> RuleSet:
     """Read and validate a rules file; raise :class:`RulesError` with one clear line on any problem."""
     p = Path(path) if path is not None else default_rules_path()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RulesError(f"{p}: cannot read rules file: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RulesError(f"{p}: invalid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise RulesError(f"{p}: expected a mapping with keys version, roles, families, exclusions, contrast, scoring")
-    data.pop("source", None)
-    try:
-        rules = RuleSet.model_validate(data)
-    except ValidationError as exc:
-        raise RulesError(f"{p}: {_one_line(exc)}") from None
+    rules = load_yaml_model(p, RuleSet, what="rules file", reference="docs/rules.md", error=RulesError)
     return rules.model_copy(update={"source": str(p)})
-
-
-def _one_line(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (check the spelling against docs/rules.md)"
-    if err["type"] == "missing":
-        return f"{loc}: required key is missing"
-    got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-    return f"{loc}: {msg}{shown}"
 
 
 # --------------------------------------------------------------------------- decisions

@@ -119,9 +119,9 @@ def test_bad_rules_file_exits_2_with_one_line(tmp_path: Path, ge_dir: tuple[Path
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f"error: {bad}: scoring.three_d: Input should be a valid number")
+    assert lines[0].startswith(f"error: {bad}: scoring.three_d: expected a valid number")
     missing = runner.invoke(app, ["test", str(root), "--rules", str(tmp_path / "nope.yaml")])
-    assert missing.exit_code == 2 and "cannot read rules file" in missing.stderr
+    assert missing.exit_code == 2 and "rules file not found" in missing.stderr
 
 
 def test_folder_without_dicom_exits_1(tmp_path: Path) -> None:

@@ -74,6 +74,7 @@ def test_postgres_url_is_kept_verbatim(tmp_path: Path) -> None:
         ("completion: {series_quiet_seconds: -1}\n", "completion.series_quiet_seconds: expected greater than 0, got -1"),
         ("destinations:\n  - {name: pacs, host: h, port: 1}\n", "destinations.0.ae_title: required key is missing"),
         ("database: {url: 'mysql://x'}\n", "database.url: expected a SQLAlchemy URL"),
+        ("node: {bind_address: everywhere}\n", "node.bind_address: expected an IPv4 or IPv6 address"),
         ("web: {port: 11112}\n", "(top level): expected node.port and web.port to differ"),
         ("- just\n- a list\n", "(top level): expected a mapping"),
         ("node: {port: [1\n", "not valid YAML"),
