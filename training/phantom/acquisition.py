@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
-from training.phantom.anatomy import affine_transform, rigid_matrix
+from training.phantom.anatomy import PatientDeformation, affine_transform, rigid_matrix
 from training.phantom.types import Plane, SeriesKind
 
 F32 = NDArray[np.float32]
@@ -41,14 +41,6 @@ class GridSpec:
     direction: M4  # 3x3; columns are the LPS unit vectors of the column, row and slice axes
     origin: tuple[float, float, float]  # LPS mm of the centre of voxel (0, 0, 0)
     thickness: float  # slice thickness, mm (== slice spacing for 3D, may be less for 2D with a gap)
-
-    def image(self, pixel: int = sitk.sitkFloat32) -> sitk.Image:
-        """An empty image with this geometry (a resampling reference)."""
-        img = sitk.Image(list(self.size), pixel)
-        img.SetSpacing(self.spacing)
-        img.SetOrigin(self.origin)
-        img.SetDirection(tuple(self.direction.ravel()))
-        return img
 
     def resample(
         self, image: sitk.Image, transform: sitk.Transform, interpolator: int = sitk.sitkLinear,
@@ -78,36 +70,29 @@ class GridSpec:
         ijk = np.linalg.solve(self.direction, np.asarray(lps) - np.asarray(self.origin)) / np.asarray(self.spacing)
         return ijk[::-1]
 
-    def subsampled(self, f_inplane: int, f_slice: int) -> GridSpec:
-        """A finer grid whose blocks of f_inplane x f_inplane x f_slice voxels tile this grid's voxels; the
-        slice subdivision spans the slice thickness (not the spacing), so gaps stay unsampled in the mean."""
-        sp = (self.spacing[0] / f_inplane, self.spacing[1] / f_inplane, self.spacing[2])
-        first = np.array(
-            [-(f_inplane - 1) / 2.0 * sp[0], -(f_inplane - 1) / 2.0 * sp[1], -(f_slice - 1) / 2.0 * self.thickness / f_slice]
-        )
-        origin = np.asarray(self.origin) + self.direction @ first
-        return GridSpec(
-            size=(self.size[0] * f_inplane, self.size[1] * f_inplane, self.size[2]),
-            spacing=sp,
-            direction=self.direction,
-            origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-            thickness=self.thickness / f_slice,
-        )
+    def subslices(self, n: int) -> list[GridSpec]:
+        """``n`` copies of this grid whose slices sit at evenly spaced depths across the slice thickness (not
+        the spacing: a gap between 2D slices stays unsampled), for averaging over the slice profile."""
+        step = self.thickness / n
+        return [self.shifted((k - (n - 1) / 2.0) * step) for k in range(n)]
 
     def window(self, lo: NDArray[np.intp], hi: NDArray[np.intp]) -> GridSpec:
         """The sub-grid of voxels lo..hi (inclusive, (column, row, slice) indices)."""
         origin = np.asarray(self.origin) + self.direction @ (np.asarray(lo) * np.asarray(self.spacing))
         size = tuple(int(v) for v in np.asarray(hi) - np.asarray(lo) + 1)
-        return GridSpec(size, self.spacing, self.direction, tuple(float(v) for v in origin), self.thickness)  # type: ignore[arg-type]
+        return GridSpec(size, self.spacing, self.direction, _xyz(origin), self.thickness)  # type: ignore[arg-type]
 
-    def windows(self, points: NDArray[np.float64] | None, margin_mm: float, n_slabs: int = 8) -> list[tuple[NDArray[np.intp], NDArray[np.intp]]]:
+    def windows(
+        self, points: NDArray[np.float64] | None, margin_mm: float, n_slabs: int = 8
+    ) -> list[tuple[NDArray[np.intp], NDArray[np.intp]]]:
         """Sub-grids ((lo, hi) inclusive (column, row, slice) indices) that together cover every voxel within
         ``margin_mm`` of the LPS ``points`` (N, 3): the slices are cut into slabs and each slab keeps the
         in-plane box of the points near it. With no points, the whole grid."""
         full_hi = np.asarray(self.size) - 1
         if points is None:
             return [(np.zeros(3, np.intp), full_hi)]
-        ijk = np.linalg.solve(self.direction, (np.asarray(points) - np.asarray(self.origin)).T).T / np.asarray(self.spacing)
+        offsets = (np.asarray(points) - np.asarray(self.origin)).T
+        ijk = np.linalg.solve(self.direction, offsets).T / np.asarray(self.spacing)
         pad = margin_mm / np.asarray(self.spacing)
         out = []
         edges = np.linspace(0, self.size[2], n_slabs + 1).round().astype(int)
@@ -124,12 +109,16 @@ class GridSpec:
     def shifted(self, mm: float) -> GridSpec:
         """The same grid moved by ``mm`` along the slice normal."""
         o = np.asarray(self.origin) + self.direction[:, 2] * mm
-        return GridSpec(self.size, self.spacing, self.direction, tuple(float(v) for v in o), self.thickness)  # type: ignore[arg-type]
+        return GridSpec(self.size, self.spacing, self.direction, _xyz(o), self.thickness)
+
+
+def _xyz(v: NDArray[np.float64]) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
 
 
 def frame(plane: Plane, tilt_deg: float = 0.0) -> M4:
-    """Orthonormal right-handed direction matrix (columns: column, row, slice axes) of a plane, tilted about
-    the left-right axis for axial and sagittal (an AC-PC style oblique) and about the left-right axis for coronal."""
+    """Orthonormal right-handed direction matrix (columns: column, row, slice axes) of a plane, optionally
+    tilted about the patient's left-right axis (an AC-PC style oblique)."""
     col, row = (np.asarray(v) for v in _FRAMES[plane])
     d = np.column_stack([col, row, np.cross(col, row)])
     if tilt_deg:
@@ -158,9 +147,9 @@ class HeadBox:
     """Where the head is in patient space (LPS mm): what a technologist sees on the localizer."""
 
     centre: NDArray[np.float64]  # centre of the brain's bounding box
-    half: NDArray[np.float64]  # half extents of the skull's bounding box along x, y, z
+    half: NDArray[np.float64]  # half extents of the head's bounding box (brain + scalp) along x, y, z
     top: float  # LPS z of the vertex (scalp)
-    pitch_deg: float  # head flexion: positive tips the nose ... axial slabs are tilted to follow it
+    pitch_deg: float  # head rotation about the left-right axis; axial slabs are often tilted to follow it
 
 
 @dataclass(frozen=True)
@@ -173,7 +162,10 @@ class Geometry:
     stored: GridSpec  # == acquired, or the 512 interpolated reconstruction
 
 
-def _matrix_fov(rng: np.random.Generator, fov: tuple[float, float], voxel_mm: float | None, matrix: int) -> tuple[int, float]:
+def _matrix_fov(
+    rng: np.random.Generator, fov: tuple[float, float], voxel_mm: float | None, matrix: int
+) -> tuple[int, float]:
+    """(matrix, pixel mm) of a square FOV drawn in ``fov`` mm, or of ``voxel_mm`` pixels covering it."""
     f = rng.uniform(*fov)
     if voxel_mm is not None:
         return int(math.ceil(f / voxel_mm)), float(voxel_mm)
@@ -204,18 +196,21 @@ def _tilt(rng: np.random.Generator, head: HeadBox, plane: Plane) -> float:
     return 0.0
 
 
-def _volume_3d(rng: np.random.Generator, head: HeadBox, voxel_mm: float | None, plane: Plane, recon_512: bool) -> Geometry:
+def _volume_3d(
+    rng: np.random.Generator, head: HeadBox, voxel_mm: float | None, plane: Plane, recon_512: bool
+) -> Geometry:
+    """A 3D slab: axial from above the vertex to below the cerebellum, or a sagittal block across the head."""
     d = frame(plane, _tilt(rng, head, plane))
     n, px = _matrix_fov(rng, (240.0, 256.0), voxel_mm, 256)
     thk = float(voxel_mm) if voxel_mm is not None else float(rng.choice([1.0, 1.0, 1.1, 1.2]))
     if plane is Plane.AXIAL:
         coverage = rng.uniform(165.0, 185.0)  # vertex to below the cerebellum
-        top = head.top + rng.uniform(2.0, 10.0)
+        top = head.top + rng.uniform(0.0, 8.0)
         centre = head.centre + np.array([rng.uniform(-4, 4), rng.uniform(-6, 6), 0.0])
         centre[2] = top - coverage / 2.0
     else:  # sagittal (or coronal) block across the whole head
         width = 2.0 * head.half[0] if plane is Plane.SAGITTAL else 2.0 * head.half[1]
-        coverage = width + rng.uniform(5.0, 25.0)
+        coverage = width + rng.uniform(-6.0, 14.0)  # sometimes the ears or the nose tip fall outside
         centre = head.centre + np.array([rng.uniform(-3, 3), rng.uniform(-8, 8), rng.uniform(-20, -5)])
     n_slices = int(math.ceil(coverage / thk))
     acquired = centred_grid(centre, d, (n, n, n_slices), (px, px, thk), thk)
@@ -227,8 +222,10 @@ def _volume_3d(rng: np.random.Generator, head: HeadBox, voxel_mm: float | None, 
 
 def _slab_2d(
     rng: np.random.Generator, head: HeadBox, voxel_mm: float | None, plane: Plane, *, fov: tuple[float, float],
-    matrix: int, thickness: tuple[float, float], gap: tuple[float, float], coverage: tuple[float, float], recon_512: bool,
+    matrix: int, thickness: tuple[float, float], gap: tuple[float, float], coverage: tuple[float, float],
+    recon_512: bool,
 ) -> Geometry:
+    """A 2D multi-slice stack from the vertex down, slices ``thickness`` mm thick with a ``gap`` mm gap."""
     d = frame(plane, _tilt(rng, head, plane))
     n, px = _matrix_fov(rng, fov, voxel_mm, matrix)
     if voxel_mm is not None:
@@ -286,13 +283,21 @@ def motion_poses(rng: np.random.Generator, n: int, centre: NDArray[np.float64]) 
     return poses
 
 
-def series_transform(deformation: sitk.Transform, pose: M4, distortion: sitk.Transform | None = None) -> sitk.Transform:
+def series_transform(
+    deformation: PatientDeformation, pose: M4, distortion: sitk.Transform | None = None
+) -> sitk.Transform:
     """Scanner point -> template point for a series acquired with the head at ``pose``; an optional
-    ``distortion`` (scanner space, e.g. EPI) is applied first."""
-    chain = [deformation, affine_transform(np.linalg.inv(pose))]
+    ``distortion`` (scanner space, e.g. EPI) is applied first. The chain is baked into one displacement
+    field on the deformation's grid: exact for the rigid part, and ~15 % cheaper per resampled voxel."""
+    chain = [deformation.transform, affine_transform(np.linalg.inv(pose))]
     if distortion is not None:
         chain.append(distortion)
-    return sitk.CompositeTransform(chain)
+    n = deformation.field_size
+    field = sitk.TransformToDisplacementField(
+        sitk.CompositeTransform(chain), sitk.sitkVectorFloat64, [n, n, n], list(deformation.field_origin),
+        [deformation.field_spacing] * 3, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+    )
+    return sitk.DisplacementFieldTransform(field)
 
 
 def slice_subsamples(grid: GridSpec, template_spacing: float) -> int:
@@ -316,10 +321,9 @@ def acquire(
     f_sl = slice_subsamples(grid, template_spacing)
 
     def sample(sub: GridSpec) -> F32:
-        fine = sub.subsampled(1, f_sl)
         acc = np.zeros(sub.size[::-1], dtype=np.float32)
-        for k in range(f_sl):
-            img = fine.shifted(k * fine.thickness).resample(signal, transform)
+        for part in sub.subslices(f_sl):
+            img = part.resample(signal, transform)
             acc += sitk.GetArrayViewFromImage(img)  # the view is valid while ``img`` lives
         if f_sl > 1:
             acc /= f_sl
@@ -363,14 +367,9 @@ def resample_between(
 
 def reformat(image: sitk.Image, target: GridSpec, template_spacing: float) -> F32:
     """A multiplanar reformat: thick-slab average of an acquired series over each target slice."""
-    f_sl = slice_subsamples(target, template_spacing)
-    fine = target.subsampled(1, f_sl)
-    acc = None
-    for k in range(f_sl):
-        a = sitk.GetArrayFromImage(resample_between(image, fine.shifted(k * fine.thickness)))
-        acc = a if acc is None else acc + a
-    assert acc is not None
-    return (acc / f_sl).astype(np.float32)
+    parts = target.subslices(slice_subsamples(target, template_spacing))
+    acc = sum(sitk.GetArrayFromImage(resample_between(image, p)) for p in parts)
+    return (acc / len(parts)).astype(np.float32)
 
 
 def epi_distortion(rng: np.random.Generator, head: HeadBox, direction: M4) -> sitk.Transform:

@@ -46,13 +46,14 @@ TISSUES: tuple[str, ...] = (
 F32 = NDArray[np.float32]
 
 _TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
-# The template grid (197 x 233 x 189 at 1 mm) after RAS -> LPS flipping has voxel (0, 0, 0) at LPS
-# (-98, -98, -72). The head grid extends it by these many mm on each side: the skull and scalp need
-# ~25 mm around the brain and the neck continues 60 mm below the template's last slice.
-_TEMPLATE_ORIGIN_LPS = (-98.0, -98.0, -72.0)
-_PAD_MM = {"x": (4, 8), "y": (5, 8), "z": (60, 6)}  # (low, high) extra voxels around the 197x233x189 template
+# The head grid pads the 1 mm template: the skull and scalp need ~25 mm around the brain and the neck
+# continues 60 mm below the template's last slice.
+_TEMPLATE_SHAPE = (197, 233, 189)
+_TEMPLATE_ORIGIN_RAS = (-98.0, -134.0, -72.0)
+_TEMPLATE_ORIGIN_LPS = (-98.0, -98.0, -72.0)  # of voxel (0, 0, 0) after flipping: RAS (98, 98, -72) -> LPS
+_PAD_VOXELS = {"x": (4, 8), "y": (5, 8), "z": (60, 6)}  # (low, high) 1 mm voxels added around the template
 _BRAIN_T1_THRESHOLD = 0.02  # of the template's 0..1 range; the template is skull-stripped with zeros outside
-_ENVELOPE_CLOSING_MM = 6.0  # closes sulcal openings so the skull follows the brain's envelope, not its gyri
+_ENVELOPE_CLOSING_MM = 15.0  # closes sulcal openings so the skull follows the brain's envelope, not its gyri
 _DIST_SPACING_MM = 2.0  # distance maps are computed at this spacing then interpolated (EDT at 1 mm is ~3 s)
 
 
@@ -131,7 +132,8 @@ class Template:
     envelope_coarse: F32  # on ``coarse``: signed mm outside the closed intracranial envelope (< 0 inside)
     csf_coarse: F32  # on ``coarse``: CSF fraction inside the brain mask
     shell_index: NDArray[np.intp]  # flat indices of the voxels outside the brain that may hold head tissue
-    shell_envelope_dist: F32  # at shell_index: signed mm outside the closed intracranial envelope
+    shell_envelope_dist: F32  # at shell_index: signed mm outside the closed intracranial envelope, but no
+    # less than the distance to the brain minus _CISTERN_MM (deep concavities of the envelope are skull base)
     shell_neck_depth: F32  # at shell_index: mm below the neck cylinder's surface (< 0 outside it)
     shell_temporal: F32  # at shell_index: 0..1 weight of the temporalis muscle
     shell_coarse_index: NDArray[np.intp]  # at shell_index: flat index of the enclosing ``coarse`` voxel
@@ -139,6 +141,7 @@ class Template:
     centre: tuple[float, float, float]  # LPS mm: centre of the brain's bounding box (cerebrum and cerebellum)
     extent: tuple[tuple[float, float], ...]  # (min, max) LPS mm of the brain along x, y, z (cord excluded)
     body_surface: NDArray[np.float64]  # (N, 3) LPS mm: outer voxels (2 mm grid) of where tissue may be
+    brain_surface: NDArray[np.float64]  # (N, 3) LPS mm: outer voxels (2 mm grid) of the brain mask
 
 
 def nilearn_data_dir() -> Path:
@@ -150,18 +153,20 @@ def nilearn_data_dir() -> Path:
 
 
 def _read_lps(name: str) -> F32:
-    """One template map as float32 0..1 in LPS (z, y, x) order; the file is RAS with a diagonal affine."""
+    """One template map as float32 0..1 in LPS (z, y, x) order. The files are RAS with a 1 mm identity affine
+    whose voxel (0, 0, 0) is at RAS (-98, -134, -72); anything else is refused rather than misread."""
     img = nib.load(nilearn_data_dir() / _TEMPLATE_FILE.format(name))
-    if not np.allclose(np.abs(np.diag(img.affine)[:3]), 1.0) or not np.allclose(img.affine[:3, :3], np.diag(np.diag(img.affine)[:3])):
-        raise RuntimeError(f"unexpected affine in the {name} template: {img.affine}")
+    expected = np.eye(4)
+    expected[:3, 3] = _TEMPLATE_ORIGIN_RAS
+    if img.shape != _TEMPLATE_SHAPE or not np.allclose(img.affine, expected):
+        raise RuntimeError(f"unexpected geometry of the {name} template: {img.shape}, {img.affine.tolist()}")
     a = np.asarray(img.dataobj, dtype=np.float32) / 255.0
     # RAS (x grows toward the patient's Right, y toward Anterior) -> LPS: flip the first two axes
-    a = a[::-1, ::-1, :]
-    return np.ascontiguousarray(a.transpose(2, 1, 0))
+    return np.ascontiguousarray(a[::-1, ::-1, :].transpose(2, 1, 0))
 
 
 def _pad(a: F32, value: float = 0.0) -> F32:
-    (zl, zh), (yl, yh), (xl, xh) = _PAD_MM["z"], _PAD_MM["y"], _PAD_MM["x"]
+    (zl, zh), (yl, yh), (xl, xh) = _PAD_VOXELS["z"], _PAD_VOXELS["y"], _PAD_VOXELS["x"]
     return np.pad(a, ((zl, zh), (yl, yh), (xl, xh)), constant_values=value)
 
 
@@ -200,17 +205,63 @@ def load_template(spacing_mm: float = 1.0) -> Template:
     """
     if spacing_mm not in (1.0, 2.0):
         raise ValueError("the template grid spacing must be 1 or 2 mm")
+    grid, gm, wm, brain, first_z = _brain_maps(int(round(spacing_mm)))
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+    c = int(round(_DIST_SPACING_MM / grid.spacing))
+    coarse_grid = Grid(
+        origin=tuple(o + (c - 1) * grid.spacing / 2.0 for o in grid.origin),  # type: ignore[arg-type]
+        spacing=_DIST_SPACING_MM,
+        shape=tuple(n // c for n in grid.shape),  # type: ignore[arg-type]
+    )
+    coarse = _block_mean(brain, c) >= 0.5
+    csf_coarse = _block_mean(csf, c)
+    dist = _distance_maps(coarse, csf_coarse)
+
+    b_lo, b_hi = _bounds(brain[first_z:])
+    lo, hi = grid.to_lps(b_lo + [first_z, 0, 0]), grid.to_lps(b_hi + [first_z, 0, 0])
+    centre = tuple(float(v) for v in (lo + hi) / 2.0)
+    cy, cx = ndi.center_of_mass(brain[first_z])
+    cord_xy = tuple(float(v) for v in grid.to_lps([first_z, cy, cx])[:2])
+
+    shells = _shell_voxels(grid, brain, dist, c, cord_xy, centre)  # type: ignore[arg-type]
+    body = _block_mean(_unflatten(shells["shell_index"], grid.shape) | brain, c) > 0
+    arrays = dict(
+        gm=gm,
+        wm=wm,
+        csf=csf,
+        brain=brain,
+        csf_coarse=csf_coarse,
+        brain_depth=dist["inside"],
+        brain_dist=dist["outside"],
+        ventricle_dist=dist["ventricles"],
+        envelope_coarse=dist["envelope"],
+        **shells,
+    )
+    for a in arrays.values():
+        a.setflags(write=False)
+    return Template(
+        grid=grid,
+        coarse=coarse_grid,
+        cord_xy=cord_xy,  # type: ignore[arg-type]
+        centre=centre,  # type: ignore[arg-type]
+        extent=tuple((float(lo[i]), float(hi[i])) for i in range(3)),
+        body_surface=coarse_grid.to_lps(np.argwhere(_surface_voxels(body)).astype(np.float64)),
+        brain_surface=coarse_grid.to_lps(np.argwhere(_surface_voxels(coarse)).astype(np.float64)),
+        **arrays,  # type: ignore[arg-type]
+    )
+
+
+def _brain_maps(f: int) -> tuple[Grid, F32, F32, NDArray[np.bool_], int]:
+    """Grid, GM and WM fractions and brain mask at ``f`` mm on the padded head grid, and the index of the
+    template's first slice (below it the cord is extruded)."""
     t1, gm, wm = (_pad(_read_lps(n)) for n in ("t1", "gm", "wm"))
-    zl = _PAD_MM["z"][0]
+    zl = _PAD_VOXELS["z"][0]
     brain = _fill_holes(t1 > _BRAIN_T1_THRESHOLD)
-    cerebrum_z = np.nonzero(brain.any(axis=(1, 2)))[0]
     brain[:zl] = brain[zl]  # the medulla's cross-section in the template's last slice continues as the cord
     for a in (gm, wm):
         a[:zl] = a[zl]
-
-    f = int(round(spacing_mm))
     origin = tuple(
-        _TEMPLATE_ORIGIN_LPS[i] - _PAD_MM[a][0] + (f - 1) / 2.0 for i, a in enumerate(("x", "y", "z"))
+        _TEMPLATE_ORIGIN_LPS[i] - _PAD_VOXELS[a][0] + (f - 1) / 2.0 for i, a in enumerate(("x", "y", "z"))
     )
     if f > 1:
         gm, wm = (_block_mean(a * brain, f) for a in (gm, wm))
@@ -221,75 +272,63 @@ def load_template(spacing_mm: float = 1.0) -> Template:
     over = tissue > 1.0
     gm[over] /= tissue[over]
     wm[over] /= tissue[over]
-    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
     grid = Grid(origin=origin, spacing=float(f), shape=gm.shape)  # type: ignore[arg-type]
+    return grid, gm, wm, brain, int(np.ceil((zl + 0.5) / f - 0.5))
 
-    # distances on a 2 mm grid, interpolated: skull shells and lesion constraints tolerate ~0.3 mm error
-    c = int(round(_DIST_SPACING_MM / f))
-    coarse = _block_mean(brain, c) >= 0.5
-    outside = _edt(~coarse, _DIST_SPACING_MM)
-    inside = _edt(coarse, _DIST_SPACING_MM)
-    closed = _edt(outside <= _ENVELOPE_CLOSING_MM, _DIST_SPACING_MM) > _ENVELOPE_CLOSING_MM
-    # signed distance to the surface between voxel centres (hence the half voxel): < 0 inside
-    half = _DIST_SPACING_MM / 2.0
-    envelope = np.where(closed, half - _edt(closed, _DIST_SPACING_MM), _edt(~closed, _DIST_SPACING_MM) - half)
-    csf_coarse = _block_mean(csf, c)
-    ventricles = (csf_coarse > 0.6) & (inside > 8.0)
+
+def _distance_maps(brain: NDArray[np.bool_], csf: F32) -> dict[str, F32]:
+    """Distance maps (mm) on the coarse grid: inside and outside the brain, to the ventricles, and the signed
+    distance to the closed intracranial envelope (< 0 inside)."""
+    s = _DIST_SPACING_MM
+    outside = _edt(~brain, s)
+    inside = _edt(brain, s)
+    closed = _edt(outside <= _ENVELOPE_CLOSING_MM, s) > _ENVELOPE_CLOSING_MM
+    # to the surface between voxel centres, hence the half voxel
+    envelope = np.where(closed, s / 2.0 - _edt(closed, s), _edt(~closed, s) - s / 2.0).astype(np.float32)
+    ventricles = (csf > 0.6) & (inside > 8.0)
     lab, n = ndi.label(ventricles)
     if n:
         sizes = ndi.sum_labels(ventricles, lab, index=np.arange(1, n + 1))
         keep = np.concatenate([[False], sizes >= 0.2 * sizes.max()])  # lateral, third and fourth ventricles
         ventricles = keep[lab]
-    vdist = _edt(~ventricles, _DIST_SPACING_MM)
-    envelope_dist = _upsample_to(envelope, grid.shape, c)
-    coarse_grid = Grid(
-        origin=tuple(o + (c - 1) * f / 2.0 for o in origin), spacing=_DIST_SPACING_MM, shape=coarse.shape  # type: ignore[arg-type]
-    )
+    return {"outside": outside, "inside": inside, "envelope": envelope, "ventricles": _edt(~ventricles, s)}
 
-    lo_z = (cerebrum_z[0] - 0.5) / f - 0.5  # first template slice, in this grid's index units
-    b_lo, b_hi = _bounds(brain[int(np.ceil(lo_z)) :])
-    lo = grid.to_lps(b_lo + [int(np.ceil(lo_z)), 0, 0])
-    hi = grid.to_lps(b_hi + [int(np.ceil(lo_z)), 0, 0])
-    centre = tuple(float(v) for v in (lo + hi) / 2.0)
-    extent = tuple((float(lo[i]), float(hi[i])) for i in range(3))
-    cz = int(np.ceil(lo_z))
-    cy, cx = ndi.center_of_mass(brain[cz])
-    cord_xy = tuple(float(v) for v in grid.to_lps([cz, cy, cx])[:2])
 
-    neck_depth = _neck_depth(grid, cord_xy)
-    shell = ~brain & ((envelope_dist < _SHELL_MAX_MM) | (neck_depth > -2.0 * f))
-    iz, iy, ix = np.nonzero(shell)
-    shell_index = (iz * grid.shape[1] + iy) * grid.shape[2] + ix
+def _shell_voxels(
+    grid: Grid, brain: NDArray[np.bool_], dist: dict[str, F32], c: int, cord_xy: tuple[float, float],
+    centre: tuple[float, float, float],
+) -> dict[str, NDArray]:
+    """The voxels outside the brain that skull, scalp or neck may fill, with what ``build_tissues`` needs at
+    each: envelope distance, neck depth, temporalis weight and enclosing coarse voxel."""
+    envelope = _upsample_to(dist["envelope"], grid.shape, c)
+    neck = _neck_depth(grid, cord_xy)
+    iz, iy, ix = np.nonzero(~brain & ((envelope < _SHELL_MAX_MM) | (neck > -2.0 * grid.spacing)))
+    index = (iz * grid.shape[1] + iy) * grid.shape[2] + ix
     z, y, x = grid.axes_mm(tuple(slice(0, n) for n in grid.shape))  # type: ignore[arg-type]
     wz, wy, wx = _temporal_weight(centre, x, y, z)
-    cs = coarse.shape
-    body = _block_mean(shell | brain, c) > 0
-    surface = body & ~ndi.binary_erosion(body)
-    body_surface = coarse_grid.to_lps(np.argwhere(surface).astype(np.float64))
-    arrays = dict(
-        gm=gm,
-        wm=wm,
-        csf=csf,
-        brain=brain,
-        brain_depth=inside,
-        brain_dist=outside,
-        ventricle_dist=vdist,
-        envelope_coarse=envelope,
-        csf_coarse=csf_coarse,
-        shell_index=shell_index,
-        shell_envelope_dist=envelope_dist.ravel()[shell_index],
-        shell_neck_depth=neck_depth.ravel()[shell_index],
-        shell_temporal=wz[iz] * wy[iy] * wx[ix],
-        shell_coarse_index=(
-            (np.minimum(iz // c, cs[0] - 1) * cs[1] + np.minimum(iy // c, cs[1] - 1)) * cs[2] + np.minimum(ix // c, cs[2] - 1)
+    to_brain = _upsample_to(dist["outside"], grid.shape, c).ravel()[index]
+    cs = dist["outside"].shape
+    return {
+        "shell_index": index,
+        # deep concavities of the closed envelope, far from the brain, are skull base rather than CSF
+        "shell_envelope_dist": np.maximum(envelope.ravel()[index], to_brain - _CISTERN_MM),
+        "shell_neck_depth": neck.ravel()[index],
+        "shell_temporal": wz[iz] * wy[iy] * wx[ix],
+        "shell_coarse_index": (
+            (np.minimum(iz // c, cs[0] - 1) * cs[1] + np.minimum(iy // c, cs[1] - 1)) * cs[2]
+            + np.minimum(ix // c, cs[2] - 1)
         ),
-    )
-    for a in arrays.values():
-        a.setflags(write=False)
-    return Template(
-        grid=grid, coarse=coarse_grid, cord_xy=cord_xy, centre=centre, extent=extent, body_surface=body_surface,
-        **arrays,  # type: ignore[arg-type]
-    )  # type: ignore[arg-type]
+    }
+
+
+def _unflatten(index: NDArray[np.intp], shape: tuple[int, int, int]) -> NDArray[np.bool_]:
+    mask = np.zeros(shape, dtype=bool)
+    mask.ravel()[index] = True
+    return mask
+
+
+def _surface_voxels(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    return mask & ~ndi.binary_erosion(mask)
 
 
 def _fill_holes(mask: NDArray[np.bool_]) -> NDArray[np.bool_]:
@@ -312,6 +351,7 @@ def _bounds(mask: NDArray[np.bool_]) -> tuple[NDArray[np.intp], NDArray[np.intp]
     return np.array(lo), np.array(hi)
 
 
+_CISTERN_MM = 4.0  # CSF reaches this far from the brain into the envelope's concavities (cisterns, fissures)
 _SHELL_MAX_MM = 40.0  # the thickest skull + scalp + temporalis stays well inside this distance
 # The neck: an elliptic cylinder below the posterior fossa, centred a little in front of the cord.
 _NECK_TOP_Z = -45.0  # LPS z (mm) where the neck cylinder starts fading into the head shells
@@ -371,10 +411,6 @@ class TissueStack:
         if not isinstance(where, tuple):
             self.data.reshape(len(TISSUES), -1)[:, where] = region
 
-    def replace(self, name: str, box: tuple[slice, slice, slice], frac: F32) -> None:
-        """Raise tissue ``name`` to at least ``frac`` in ``box`` (see ``put``)."""
-        self.put(box, {name: np.maximum(self[name][box], frac)})
-
 
 @dataclass(frozen=True)
 class ShellThickness:
@@ -408,6 +444,19 @@ def sample_shells(rng: np.random.Generator) -> ShellThickness:
     )
 
 
+def _smooth_max(a: F32, b: F32, radius_mm: float) -> F32:
+    """max(a, b) with the corner rounded over ~radius_mm: the union of two bodies given by depths (mm)."""
+    k = np.log(2.0) / radius_mm
+    out = np.maximum(a, b)
+    d = np.abs(a - b)
+    near = np.flatnonzero(d < 8.0 * radius_mm)  # elsewhere the rounding term is below 0.005 mm
+    out[near] += np.log1p(np.exp(-d[near] * k)) / k
+    return out.astype(np.float32, copy=False)
+
+
+_NECK_FILLET_MM = 8.0
+
+
 def _band(d: F32, lo: F32 | float, hi: F32 | float, h: float) -> F32:
     """Partial-volume fraction of the layer lo <= d < hi for voxels of size h (linear edge ramps)."""
     a = np.clip((d - lo) * (1.0 / h) + 0.5, 0.0, 1.0)
@@ -415,11 +464,14 @@ def _band(d: F32, lo: F32 | float, hi: F32 | float, h: float) -> F32:
     return a
 
 
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float, scale_mm: float) -> F32:
-    """Smooth random field (z, y, x) of about unit standard deviation, correlation length ~scale_mm."""
+def smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int, int], spacing: float, scale_mm: float, z_stretch: float = 1.0
+) -> F32:
+    """Smooth random field (z, y, x) of about unit standard deviation, correlation length ~scale_mm in-plane
+    and ``z_stretch`` times that along z."""
     step = max(1, int(round(scale_mm / 2.0 / spacing)))
     coarse_shape = tuple(-(-n // step) + 1 for n in shape)
-    c = ndi.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 1.0, mode="wrap")
+    c = ndi.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), (z_stretch, 1.0, 1.0), mode="wrap")
     c /= c.std() + 1e-6
     return _upsample_to(c, shape, float(step))
 
@@ -454,14 +506,21 @@ def build_tissues(template: Template, rng: np.random.Generator) -> TissueStack:
     }
     skull = np.clip((b4 - e) * (1.0 / h) + 0.5, 0.0, 1.0)  # == the sum of the layers above
     # soft tissue: depth below the skin, the union of the scalp shell and the neck cylinder
-    depth = np.maximum(b5 - e, template.shell_neck_depth)
+    depth = _smooth_max(b5 - e, template.shell_neck_depth, _NECK_FILLET_MM)
     free = 1.0 - skull
     skin = _band(depth, 0.0, t.skin, h) * free
-    fat = _band(depth, t.skin, (t.skin + t.fat) * np.clip(1.0 + 0.3 * noise, 0.3, None), h) * free
+    fat_bottom = (t.skin + t.fat) * np.clip(1.0 + 0.3 * noise, 0.3, None)
+    fat = _band(depth, t.skin, fat_bottom, h) * free
     body = np.clip(depth * (1.0 / h) + 0.5, 0.0, 1.0) * free
+    deep = np.clip(body - skin - fat, 0.0, None)
+    # fat planes between the neck muscles: thin sheets where a second smooth field crosses zero
+    septa_field = smooth_noise(rng, template.coarse.shape, template.coarse.spacing, 20.0, z_stretch=3.0).ravel()[
+        template.shell_coarse_index
+    ]
+    septa = np.clip(1.0 - np.abs(septa_field) / 0.15, 0.0, 0.8) * (template.shell_neck_depth > fat_bottom + 3.0)
     layers["skin"] = skin
-    layers["fat"] = fat
-    layers["muscle"] = np.clip(body - skin - fat, 0.0, None)
+    layers["fat"] = fat + deep * septa
+    layers["muscle"] = deep * (1.0 - septa)
     for name, frac in layers.items():
         stack[name].ravel()[idx] = frac
     _add_spine(stack, template, rng)
@@ -490,29 +549,42 @@ _FALX_THICKNESS_MM = 1.0
 
 
 def _add_spine(stack: TissueStack, template: Template, rng: np.random.Generator) -> None:
-    """Upper cervical vertebral bodies (marrow in a cortical rim) in front of the cord, and the pharyngeal
-    airway in front of them; both only below the skull base."""
+    """Upper cervical vertebral bodies (marrow in a cortical rim, separated by discs) in front of the cord, and
+    the pharyngeal airway in front of them; both only below the skull base."""
     g = stack.grid
     h = g.spacing
     cx, cy = template.cord_xy
-    box = g.box((cx, cy - 30.0, _SPINE_TOP_Z - 50.0), 45.0)
-    box = (slice(box[0].start, int(g.to_index((0, 0, _SPINE_TOP_Z + 8.0))[0]) + 1), box[1], box[2])
+    lo = g.to_index((cx - 25.0, cy - 55.0, g.origin[2]))
+    hi = g.to_index((cx + 25.0, cy + 5.0, _SPINE_TOP_Z + 8.0))
+    box = tuple(slice(max(0, int(lo[a])), min(g.shape[a], int(hi[a]) + 2)) for a in range(3))
     z, y, x = g.axes_mm(box)
     canal = sample(template.coarse, template.brain_dist, box_points(g, box))
     outside_canal = canal > 2.5
     below_base = (z < _SPINE_TOP_Z)[:, None, None]
+    # vertebral bodies ~15 mm tall with ~4 mm discs, counted down from the top of the dens
+    level = np.mod(_SPINE_TOP_Z - z, rng.uniform(17.0, 20.0))
+    disc = np.clip((level - 14.5) / h + 0.5, 0.0, 1.0) * np.clip((18.5 - level) / h + 0.5, 0.0, 1.0)
+    disc[z > _SPINE_TOP_Z - 22.0] = 0.0  # the dens and the body of C2 are one bone
     r_body = rng.uniform(7.5, 9.5)
     by = cy - rng.uniform(16.0, 19.0)  # anterior is -y in LPS
     rb = np.sqrt((x[None, :] - cx) ** 2 + ((y[:, None] - by) * 1.2) ** 2)[None]
-    body = np.clip((r_body - rb) / h + 0.5, 0.0, 1.0) * below_base * outside_canal
+    column = np.clip((r_body - rb) / h + 0.5, 0.0, 1.0) * below_base * outside_canal
     core = np.clip((r_body - 1.5 - rb) / h + 0.5, 0.0, 1.0) * below_base * outside_canal
-    ay = by - r_body - rng.uniform(8.0, 12.0)
+    bone_frac = (column - core) * (1.0 - disc[:, None, None])
+    marrow_frac = core * (1.0 - disc[:, None, None])
+    # the pharynx: wider at the top (naso- and oropharynx), narrowing down
+    ay = by - r_body - rng.uniform(7.0, 10.0)
+    widen = 1.0 + 0.5 * np.clip((z - (_SPINE_TOP_Z - 40.0)) / 40.0, 0.0, 1.0)
     ra = np.sqrt(
-        ((x[None, :] - cx) / rng.uniform(9.0, 13.0)) ** 2 + ((y[:, None] - ay) / rng.uniform(5.0, 8.0)) ** 2
-    )[None]
+        ((x[None, None, :] - cx) / (rng.uniform(8.0, 12.0) * widen[:, None, None])) ** 2
+        + ((y[None, :, None] - ay) / rng.uniform(5.0, 8.0)) ** 2
+    )
     airway = np.clip((1.0 - ra) * 6.0 / h + 0.5, 0.0, 1.0) * (canal > 10.0)
-    stack.replace("bone", box, (body - core).astype(np.float32))
-    stack.replace("marrow", box, core.astype(np.float32))
+    stack.put(box, {
+        "bone": np.maximum(stack["bone"][box], bone_frac).astype(np.float32),
+        "marrow": np.maximum(stack["marrow"][box], marrow_frac).astype(np.float32),
+        "muscle": np.maximum(stack["muscle"][box], column * disc[:, None, None]).astype(np.float32),  # disc
+    })
     stack.data[(slice(None),) + box] *= (1.0 - airway).astype(np.float32)[None]
 
 
@@ -525,6 +597,9 @@ class PatientDeformation:
 
     transform: sitk.Transform  # patient point -> template point (affine + elastic), for resampling
     forward: NDArray[np.float64]  # 4x4 affine template -> patient (without the elastic part)
+    field_origin: tuple[float, float, float]  # LPS mm: the displacement field's grid (cubic, identity direction)
+    field_size: int
+    field_spacing: float
     head_centre: tuple[float, float, float]  # LPS mm, patient space
     pitch_deg: float  # head flexion about the left-right axis (technologists tilt axial slabs to follow it)
 
@@ -594,6 +669,9 @@ def random_deformation(template: Template, rng: np.random.Generator) -> PatientD
     return PatientDeformation(
         transform=tx,
         forward=fwd,
+        field_origin=tuple(float(v) for v in (c_p - _FIELD_HALF_MM)),  # type: ignore[arg-type]
+        field_size=n,
+        field_spacing=_FIELD_SPACING_MM,
         head_centre=tuple(float(v) for v in c_p),  # type: ignore[arg-type]
         pitch_deg=float(pitch),
     )

@@ -39,7 +39,7 @@ TISSUE_PROPERTIES: dict[str, Tissue] = {
     "wm": Tissue(830, 80, 0.69, 0.75e-3, gd=0.01),
     "gm": Tissue(1330, 110, 0.80, 0.85e-3, gd=0.02),
     "csf": Tissue(4000, 2000, 1.00, 3.1e-3, pulsation=0.7),
-    "dura": Tissue(1000, 55, 0.55, 1.0e-3, gd=0.35),  # no blood-brain barrier: enhances
+    "dura": Tissue(1000, 55, 0.55, 1.0e-3, gd=0.2),  # no blood-brain barrier: enhances (thin, smooth)
     "bone": Tissue(1000, 1.0, 0.05, 0.2e-3),  # cortical bone: T2* of ~1 ms, no signal
     "marrow": Tissue(450, 90, 0.80, 0.3e-3, gd=0.05, fat=0.6),  # fatty diploe
     "fat": Tissue(380, 100, 0.90, 0.02e-3, fat=1.0),
@@ -175,11 +175,6 @@ def tissue_signals(seq: Sequence, contrast: bool, tissues: tuple[str, ...]) -> F
     return np.array([tissue_signal(TISSUE_PROPERTIES[n], seq, contrast) for n in tissues], dtype=np.float32)
 
 
-def tissue_adc(tissues: tuple[str, ...]) -> F32:
-    """Per-tissue apparent diffusion coefficient (mm^2/s) in ``tissues`` order."""
-    return np.array([TISSUE_PROPERTIES[n].adc for n in tissues], dtype=np.float32)
-
-
 def sample_sequence(rng: np.random.Generator, kind: SeriesKind, vendor: Vendor, is_3d: bool) -> Sequence:
     """Draw vendor-flavoured acquisition parameters for a series of ``kind``."""
     if kind is SeriesKind.T1_BRAVO_POST:
@@ -213,6 +208,25 @@ def sample_sequence(rng: np.random.Generator, kind: SeriesKind, vendor: Vendor, 
     raise ValueError(f"no sequence for {kind}")
 
 
+def header_values(seq: Sequence, vendor: Vendor) -> dict[str, float]:
+    """The acquisition parameters as the vendor's DICOM headers state them (keyword -> ms, degrees, s/mm^2).
+    Siemens reports an MPRAGE's TR as the inversion interval, GE and Philips the echo spacing."""
+    if isinstance(seq, IrSpgr):
+        tr = seq.shot_interval if vendor is Vendor.SIEMENS else seq.tr
+        return {"RepetitionTime": round(tr, 1), "EchoTime": round(seq.te, 2), "InversionTime": round(seq.ti, 1),
+                "FlipAngle": round(seq.flip, 1)}
+    if isinstance(seq, FastSpinEcho):
+        return {"RepetitionTime": round(seq.tr, 1), "EchoTime": round(seq.te, 2), "FlipAngle": 90.0,
+                "EchoTrainLength": float(seq.etl)}
+    if isinstance(seq, Flair):
+        return {"RepetitionTime": round(seq.tr, 1), "EchoTime": round(seq.te, 2), "InversionTime": round(seq.ti, 1),
+                "FlipAngle": 90.0}
+    if isinstance(seq, Diffusion):
+        return {"RepetitionTime": round(seq.tr, 1), "EchoTime": round(seq.te, 2), "FlipAngle": 90.0,
+                "DiffusionBValue": seq.b}
+    return {"RepetitionTime": round(seq.tr, 2), "EchoTime": round(seq.te, 2), "FlipAngle": round(seq.flip, 1)}
+
+
 def b0_of(seq: Diffusion) -> Diffusion:
     """The b = 0 image of a diffusion acquisition."""
     return replace(seq, b=0.0)
@@ -230,7 +244,8 @@ class ScannerScaling:
 
 
 def sample_scaling(
-    rng: np.random.Generator, signals: F32, brain: float, snr: tuple[float, float], top: tuple[float, float] = (2500, 4000)
+    rng: np.random.Generator, signals: F32, brain: float, snr: tuple[float, float],
+    top: tuple[float, float] = (2500, 4000),
 ) -> ScannerScaling:
     """Noise and gain for one series: ``brain`` is the typical brain-tissue signal, noise is set from a
     signal-to-noise ratio drawn in ``snr``, and the brightest tissue lands near a value drawn in ``top``."""

@@ -351,7 +351,7 @@ def _classic_series_dataset(study: SyntheticStudy, plan: StudyPlan, sp: SeriesPl
     if style.sequence_name:
         ds.SequenceName = style.sequence_name
     ds.AngioFlag = "N"
-    ds.SliceThickness = _ds([geo.spacing[2]])[0]
+    ds.SliceThickness = _ds([series.slice_thickness_mm or geo.spacing[2]])[0]
     ds.RepetitionTime = style.repetition_time_ms
     ds.EchoTime = style.echo_time_ms
     # InversionTime is only allowed when ScanningSequence says IR; GE BRAVO often shows the preparation only in
@@ -436,7 +436,7 @@ def _shared_groups(study: SyntheticStudy, plan: StudyPlan, sp: SeriesPlan, geo: 
     scanner = plan.style.scanner
     g = Dataset()
     g.PixelMeasuresSequence = _seq(_item(
-        SliceThickness=_ds([geo.spacing[2]])[0],
+        SliceThickness=_ds([series.slice_thickness_mm or geo.spacing[2]])[0],
         SpacingBetweenSlices=_ds([geo.spacing[2]])[0],
         PixelSpacing=_ds([geo.spacing[1], geo.spacing[0]])))
     g.PlaneOrientationSequence = _seq(_item(ImageOrientationPatient=_ds(geo.orientation)))

@@ -31,7 +31,14 @@ from training.phantom.acquisition import (
     sample_windows,
     series_transform,
 )
-from training.phantom.anatomy import TISSUES, PatientDeformation, Template, build_tissues, load_template, random_deformation
+from training.phantom.anatomy import (
+    TISSUES,
+    PatientDeformation,
+    Template,
+    build_tissues,
+    load_template,
+    random_deformation,
+)
 from training.phantom.lesions import LesionSpec, place_lesions, render_lesions
 from training.phantom.types import (
     ROLES,
@@ -55,12 +62,12 @@ _NAME_WORDS = (
     "WILLOW", "XENON", "YARROW", "ZEPHYR", "ASPEN", "BIRCH", "COBALT", "DUNE", "ELM", "FLINT",
 )
 _SNR = {  # brain-tissue signal over per-channel noise sigma
-    SeriesKind.T1_BRAVO_POST: (28.0, 45.0),
-    SeriesKind.T1_CUBE_PRE: (22.0, 35.0),
-    SeriesKind.T1_CUBE_POST: (22.0, 35.0),
-    SeriesKind.FLAIR: (18.0, 30.0),
-    SeriesKind.DWI: (9.0, 15.0),
-    SeriesKind.LOCALIZER: (12.0, 20.0),
+    SeriesKind.T1_BRAVO_POST: (20.0, 35.0),
+    SeriesKind.T1_CUBE_PRE: (16.0, 28.0),
+    SeriesKind.T1_CUBE_POST: (16.0, 28.0),
+    SeriesKind.FLAIR: (14.0, 25.0),
+    SeriesKind.DWI: (7.0, 12.0),
+    SeriesKind.LOCALIZER: (10.0, 18.0),
 }
 
 
@@ -91,11 +98,14 @@ def _parse_missing(missing: Iterable[SeriesKind | str]) -> set[SeriesKind]:
     return out
 
 
+_SCALP_MARGIN_MM = 22.0  # brain surface to skin, typical (CSF, skull and scalp)
+
+
 def _head_box(template: Template, deformation: PatientDeformation) -> HeadBox:
-    """The skull's bounding box (brain + 12 mm) mapped into patient space by the affine part."""
+    """The head's bounding box (brain + scalp margin) mapped into patient space by the affine part."""
     ext = np.array(template.extent)
     corners = np.array([[x, y, z] for x in ext[0] for y in ext[1] for z in ext[2]])
-    corners += np.sign(corners - np.asarray(template.centre)) * 12.0
+    corners += np.sign(corners - np.asarray(template.centre)) * _SCALP_MARGIN_MM
     m = deformation.forward
     mapped = corners @ m[:3, :3].T + m[:3, 3]
     lo, hi = mapped.min(axis=0), mapped.max(axis=0)
@@ -146,8 +156,9 @@ def _plan(
     zip512 = voxel_mm is None and rng.random() < 0.2
     cube_plane = Plane.SAGITTAL if rng.random() < 0.7 else Plane.AXIAL
     shared_cube = rng.random() < 0.8  # the post-contrast CUBE usually copies the pre-contrast prescription
-    u = rng.random()
-    flair_plane, flair_3d = (Plane.SAGITTAL, True) if u < 0.55 else ((Plane.AXIAL, True) if u < 0.7 else (Plane.AXIAL, False))
+    flair_plane, flair_3d = [(Plane.SAGITTAL, True), (Plane.AXIAL, True), (Plane.AXIAL, False)][
+        int(rng.choice(3, p=[0.55, 0.15, 0.3]))
+    ]
     loc_plane = [Plane.SAGITTAL, Plane.AXIAL, Plane.CORONAL][int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
     acquired = [k for k in order if k not in (SeriesKind.ADC, SeriesKind.MPR)]
     poses = dict(zip(acquired, motion_poses(rng_for(seed, "motion"), len(acquired), head.centre)))
@@ -204,9 +215,10 @@ def _brain_signal(weights: F32) -> float:
 
 
 def _acquire_all(
-    seed: int, planned: list[_Planned], signals: dict[str, F32], template: Template, deformation: PatientDeformation,
-    head: HeadBox,
+    seed: int, vendor: Vendor, planned: list[_Planned], signals: dict[str, F32], template: Template,
+    deformation: PatientDeformation, head: HeadBox,
 ) -> dict[SeriesKind, SyntheticSeries]:
+    """Every series of the exam, in acquisition order: sampled, noisy, scaled and stored (uint16)."""
     out: dict[SeriesKind, SyntheticSeries] = {}
     dwi_pair: tuple[F32, F32] | None = None  # noisy (b=1000, b=0) floats, for the ADC
     h = template.grid.spacing
@@ -222,10 +234,10 @@ def _acquire_all(
             stored = _adc(*dwi_pair)
         else:
             tx_distortion = epi_distortion(rng, head, geo.acquired.direction) if plan.kind is SeriesKind.DWI else None
-            tx = series_transform(deformation.transform, plan.pose, tx_distortion)
+            tx = series_transform(deformation, plan.pose, tx_distortion)
             weights = signals[f"w:{plan.kind.value}"]
             scaling = mr.sample_scaling(rng, weights, _brain_signal(weights), _SNR[plan.kind])
-            body = _body_points(template, deformation, plan.pose)
+            body = _scanner_points(template.body_surface, deformation, plan.pose)
             sig = point_spread(
                 acquire(template.grid.image(signals[plan.kind.value]), geo.acquired, tx, h, body), geo.acquired, h
             )
@@ -244,22 +256,29 @@ def _acquire_all(
             contrast=plan.contrast,
             acquisition_index=index,
             derived_from=plan.derived_from,
+            slice_thickness_mm=geo.stored.thickness,
+            sequence=(
+                mr.header_values(plan.sequence, vendor) if plan.sequence is not None
+                else out[plan.derived_from].sequence  # type: ignore[index]
+            ),
         )
     return out
 
 
-def _body_points(template: Template, deformation: PatientDeformation, pose: NDArray[np.float64]) -> NDArray[np.float64]:
-    """The template body's surface points (N, 3) in scanner LPS mm, as the head lies during a series
-    (affine part only: the acquisition margin covers the elastic part)."""
+def _scanner_points(
+    points: NDArray[np.float64], deformation: PatientDeformation, pose: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Template points (N, 3) in scanner LPS mm as the head lies during a series (affine part only: the
+    acquisition margin covers the elastic part)."""
     m = pose @ deformation.forward
-    return template.body_surface @ m[:3, :3].T + m[:3, 3]
+    return points @ m[:3, :3].T + m[:3, 3]
 
 
 def _adc(b1000: F32, b0: F32, b: float = 1000.0) -> NDArray[np.uint16]:
     """ADC map in 1e-6 mm^2/s from the noisy b=0 and b=1000 images; background (low b=0 signal) is zero,
     as scanners mask it."""
-    thr = 0.15 * float(np.percentile(b0, 99.0))
-    ok = (b0 > thr) & (b1000 > 0)
+    smooth = ndi.gaussian_filter(b0, (0.0, 1.5, 1.5))  # the mask follows the head, not single noisy voxels
+    ok = (smooth > 0.2 * float(np.percentile(smooth, 99.0))) & (b1000 > 0)
     adc = np.zeros(b0.shape, dtype=np.float32)
     adc[ok] = np.log(b0[ok] / b1000[ok]) / b * 1e6
     return np.clip(adc, 0.0, 4000.0).astype(np.uint16)
@@ -292,10 +311,10 @@ def _ground_truth(
     # one nearest-neighbour pass carries both: lesion labels in the low bits, the brain mask in the top bit
     packed = label_t | (template.brain.astype(np.uint16) << _BRAIN_BIT)
     src = template.grid.image(packed)
-    tx = series_transform(deformation.transform, ref.pose)
+    tx = series_transform(deformation, ref.pose)
     acquired = ref.geometry.acquired
     arr = sample_windows(
-        acquired, _body_points(template, deformation, ref.pose),
+        acquired, _scanner_points(template.brain_surface, deformation, ref.pose),  # labels only exist in the brain
         lambda sub: sitk.GetArrayFromImage(sub.resample(src, tx, sitk.sitkNearestNeighbor, sitk.sitkUInt16)),
         np.uint16,
     )
@@ -345,7 +364,9 @@ def _centroids(label: NDArray[np.uint16], n: int) -> NDArray[np.float64]:
     return np.stack(sums, axis=1) / np.maximum(counts, 1.0)[:, None]
 
 
-def _coregister(series: dict[SeriesKind, SyntheticSeries], planned: list[_Planned], ref: _Planned) -> dict[str, sitk.Image]:
+def _coregister(
+    series: dict[SeriesKind, SyntheticSeries], planned: list[_Planned], ref: _Planned
+) -> dict[str, sitk.Image]:
     """Every present role on the reference grid with the true alignment (what a perfect rigid registration
     gives), stored as uint16 like the series."""
     poses = {p.kind: p.pose for p in planned}
@@ -417,7 +438,7 @@ def _generate(
         raise ValueError(f"voxel_mm must be positive, got {voxel_mm}")
     if vendor is None:
         vendor = list(Vendor)[int(rng_for(seed, "vendor").integers(len(Vendor)))]
-    vendor = Vendor(vendor)
+    vendor = Vendor(vendor.lower())  # a Vendor is a str too
     roles = [SeriesKind(r) for r in ROLES if SeriesKind(r) not in absent]
 
     template = load_template(2.0 if voxel_mm is not None and voxel_mm >= 2.0 else 1.0)
@@ -434,7 +455,7 @@ def _generate(
     signals = _signals(planned, stack.data)
     dominant = _dominant_tissue(stack.data) if tissue_map else None
     del stack
-    series = _acquire_all(seed, planned, signals, template, deformation, head)
+    series = _acquire_all(seed, vendor, planned, signals, template, deformation, head)
     del signals
 
     ref_kind = next(k for k in REFERENCE_PREFERENCE if k in series)
@@ -454,7 +475,7 @@ def _generate(
     tissues = None
     if dominant is not None:
         tissues = ref.geometry.stored.resample(
-            template.grid.image(dominant), series_transform(deformation.transform, ref.pose),
+            template.grid.image(dominant), series_transform(deformation, ref.pose),
             sitk.sitkNearestNeighbor, sitk.sitkUInt8, 255,
         )
     return study, tissues

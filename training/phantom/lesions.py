@@ -130,8 +130,11 @@ def place_lesions(template: Template, rng: np.random.Generator, voxel_mm: float 
 
 
 def _fits(
-    template: Template, c: NDArray[np.float64], r: float, kind: str, centres: list[NDArray[np.float64]], radii: list[float]
+    template: Template, c: NDArray[np.float64], r: float, kind: str, centres: list[NDArray[np.float64]],
+    radii: list[float],
 ) -> bool:
+    """Whether a lesion of radius ``r`` (mm) at ``c`` lies deep enough in the parenchyma, clear of the
+    ventricles and of the lesions already placed."""
     depth = float(sample(template.coarse, template.brain_depth, c))
     ventricle = float(sample(template.coarse, template.ventricle_dist, c))
     if depth < max(2.0, 0.75 * r) or ventricle < 0.9 * r + 2.0:
@@ -265,7 +268,7 @@ def render_lesions(stack: TissueStack, specs: list[LesionSpec], rng: np.random.G
             ((x - spec.centre[0]) / 2.0)[None, None, :],
         )
         # heterogeneous enhancement: a per-voxel mix of strongly and weakly enhancing tumour
-        texture = np.clip(spec.enhancement + 0.25 * _waves(rng, rel, 6, (1.0, 3.0)), 0.05, 1.0)
+        texture = np.clip(spec.enhancement + 0.2 * _waves(rng, rel, 6, (0.6, 2.0)), 0.05, 1.0)
         rim = whole - core
         # added to what is there: a neighbour's box may overlap this one (never its lesion)
         stack.put(box, {

@@ -513,6 +513,16 @@ def _series_style(study: SyntheticStudy, style: StudyStyle, index: int, number: 
     tr = _jitter(rng, recipe.tr_ms * (0.9 if field < 2 and recipe.tr_ms > 1000 else 1.0), 0.05, 2)
     te = _jitter(rng, recipe.te_ms, 0.04, 2)
     ti = None if recipe.ti_ms is None else _jitter(rng, recipe.ti_ms * (0.9 if field < 2 else 1.0), 0.05, 0)
+    flip, etl = recipe.flip_deg, recipe.etl
+    simulated = series.sequence or {}
+    if simulated:
+        # The generator's own parameters, so the header states what produced the pixels; the recipe
+        # still decides whether an inversion time belongs in this vendor's header at all.
+        tr = simulated.get("RepetitionTime", tr)
+        te = simulated.get("EchoTime", te)
+        ti = simulated.get("InversionTime", ti) if ti is not None else None
+        flip = simulated.get("FlipAngle", flip)
+        etl = int(simulated.get("EchoTrainLength", etl))
     if source_style is not None:
         # Reformats and parametric maps repeat the timing of the acquisition they were computed from.
         tr, te, ti = source_style.repetition_time_ms, source_style.echo_time_ms, source_style.inversion_time_ms
@@ -542,8 +552,8 @@ def _series_style(study: SyntheticStudy, style: StudyStyle, index: int, number: 
         repetition_time_ms=tr,
         echo_time_ms=te,
         inversion_time_ms=ti,
-        flip_angle_deg=recipe.flip_deg,
-        echo_train_length=recipe.etl,
+        flip_angle_deg=flip,
+        echo_train_length=etl,
         number_of_averages=1.0,
         pixel_bandwidth_hz=recipe.bandwidth_hz,
         parallel_factor=recipe.parallel,

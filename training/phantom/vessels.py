@@ -44,14 +44,19 @@ def _resample_path(points: P3, step: float = 0.5, smooth: float = 0.0) -> P3:
     return out
 
 
-def _surface(template: Template, inner: P3, directions: P3, offset: NDArray[np.float64] | float) -> P3:
-    """For each ray from ``inner`` along ``directions`` (N, 3), the outermost brain point plus ``offset`` mm."""
+def _surface(
+    template: Template, inner: P3, directions: P3, offset: NDArray[np.float64] | float, first_exit: bool = False
+) -> P3:
+    """For each ray from ``inner`` along ``directions`` (N, 3): the outermost brain point (or, with
+    ``first_exit``, where the ray first leaves the brain) moved ``offset`` mm further along the ray."""
     steps = np.arange(0.0, 130.0, 1.0)
     inner = np.broadcast_to(np.asarray(inner, dtype=np.float64), directions.shape)
     pts = inner[:, None, :] + steps[None, :, None] * directions[:, None, :]
-    outside = sample(template.coarse, template.brain_dist, pts) > 0.5
-    inside_any = ~outside
-    last = np.where(inside_any.any(axis=1), steps.size - 1 - np.argmax(inside_any[:, ::-1], axis=1), 0)
+    inside = sample(template.coarse, template.brain_dist, pts) <= 0.5
+    if first_exit:
+        last = np.maximum(np.argmax(~inside, axis=1) - 1, 0)
+    else:
+        last = np.where(inside.any(axis=1), steps.size - 1 - np.argmax(inside[:, ::-1], axis=1), 0)
     return inner + (steps[last] + np.asarray(offset))[:, None] * directions
 
 
@@ -78,7 +83,7 @@ def dural_sinuses(template: Template, rng: np.random.Generator) -> list[Tube]:
         tubes.append(Tube(_resample_path(icv, smooth=2.0), np.full(1, rng.uniform(0.8, 1.1)), "internal_cerebral"))
 
     # transverse then sigmoid sinuses, around the posterior fossa at the tentorium's attachment
-    dominant = rng.choice([-1.0, 1.0], p=[0.3, 0.7])  # the right (x < 0 in LPS) is usually larger
+    dominant = rng.choice([-1.0, 1.0], p=[0.7, 0.3])  # the right (x < 0 in LPS) is usually larger
     for side in (-1.0, 1.0):
         big = side == dominant or rng.random() < 0.5
         r_ts = rng.uniform(3.0, 4.5) if big else rng.uniform(1.8, 3.0)
@@ -102,7 +107,7 @@ def basal_arteries(template: Template, rng: np.random.Generator) -> list[Tube]:
     """Basilar artery in front of the pons, internal carotid termini and the first middle-cerebral segments."""
     zs = np.linspace(-48.0, -12.0, 30)
     dirs = np.tile([0.0, -1.0, 0.0], (zs.size, 1))
-    basilar = np.array([_surface(template, (0.0, 30.0, z), dirs[:1], 2.0)[0] for z in zs])
+    basilar = np.array([_surface(template, (0.0, 30.0, z), dirs[:1], 2.0, first_exit=True)[0] for z in zs])
     tubes = [Tube(_resample_path(basilar, smooth=3.0), np.full(1, rng.uniform(1.3, 1.8)), "basilar")]
     for side in (-1.0, 1.0):
         ica = np.array([[side * 15.0, 2.0, -30.0], [side * 15.0, 0.0, -14.0], [side * 24.0, -2.0, -9.0],
@@ -160,7 +165,7 @@ def cortical_vessels(template: Template, rng: np.random.Generator) -> list[Tube]
     shell = np.flatnonzero((template.envelope_coarse > 0.0) & (template.envelope_coarse < 2.5))
     seeds = g.to_lps(np.stack(np.unravel_index(rng.choice(shell, 400), g.shape), axis=1).astype(np.float64))
     seeds = seeds[seeds[:, 2] > -20.0]
-    n = min(len(seeds), int(rng.integers(22, 46)))
+    n = min(len(seeds), int(rng.integers(30, 60)))
     seeds = seeds[:n]
     up = np.tile([0.0, 0.0, 1.0], (n, 1))
     headings = np.where(rng.random((n, 1)) < 0.6, up, 0.0) + rng.normal(0.0, 0.7, (n, 3))
@@ -174,7 +179,7 @@ def cortical_vessels(template: Template, rng: np.random.Generator) -> list[Tube]
         (template.csf_coarse > 0.6) & (template.brain_depth > 3.0) & (template.brain_depth < 20.0)
         & (template.ventricle_dist > 8.0)
     )
-    m = int(rng.integers(10, 24))
+    m = int(rng.integers(16, 36))
     seeds = g.to_lps(np.stack(np.unravel_index(rng.choice(sulcal, m), g.shape), axis=1).astype(np.float64))
     for path in _walk(template, rng, seeds, rng.normal(size=(m, 3)), rng.uniform(15.0, 50.0, m), None):
         tubes.append(Tube(_resample_path(path, smooth=1.0), np.full(1, 0.75 * _vessel_radius(rng)), "sulcal"))
@@ -195,7 +200,7 @@ def choroid_plexus(template: Template, rng: np.random.Generator) -> list[tuple[P
     for side in (-1.0, 1.0):
         target = np.array([side * 27.0, 38.0, 14.0])
         c = pts[np.argmin(np.linalg.norm(pts - target, axis=1))]
-        out.append((c + rng.normal(0.0, 1.0, 3), float(rng.uniform(3.0, 5.0))))
+        out.append((c + rng.normal(0.0, 1.0, 3), float(rng.uniform(4.0, 6.5))))
     return out
 
 
