@@ -13,7 +13,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.dicom_out import AlgorithmInfo, common, ordered_sources, write_seg, write_sr
+from pipeline.dicom_out import (
+    AlgorithmInfo,
+    common,
+    ordered_sources,
+    write_seg,
+    write_sr,
+)
 from pipeline.lesions import find_lesions
 from training.phantom import generate_study
 from training.phantom.dicom_writer import plan_study, write_dicom_study
