@@ -348,21 +348,11 @@ def _features_from_dataset(
     inversion_time = _float(ds.get("InversionTime"))
     if inversion_time is None:
         inversion_time = _first_float(_fg(ds, "MRModifierSequence", "InversionTimes"))
-    repetition_time = _float(ds.get("RepetitionTime"))
-    if repetition_time is None:
-        repetition_time = _float(_fg(ds, "MRTimingAndRelatedParametersSequence", "RepetitionTime"))
-    echo_time = _float(ds.get("EchoTime"))
-    if echo_time is None:
-        echo_time = _float(_fg(ds, "MREchoSequence", "EffectiveEchoTime"))
-    flip_angle = _float(ds.get("FlipAngle"))
-    if flip_angle is None:
-        flip_angle = _float(_fg(ds, "MRTimingAndRelatedParametersSequence", "FlipAngle"))
-    slice_thickness = _float(ds.get("SliceThickness"))
-    if slice_thickness is None:
-        slice_thickness = _float(_fg(ds, "PixelMeasuresSequence", "SliceThickness"))
-    spacing = _float(ds.get("SpacingBetweenSlices"))
-    if spacing is None:
-        spacing = _float(_fg(ds, "PixelMeasuresSequence", "SpacingBetweenSlices"))
+    repetition_time = _classic_or_enhanced(ds, "RepetitionTime", "MRTimingAndRelatedParametersSequence")
+    echo_time = _classic_or_enhanced(ds, "EchoTime", "MREchoSequence", "EffectiveEchoTime")
+    flip_angle = _classic_or_enhanced(ds, "FlipAngle", "MRTimingAndRelatedParametersSequence")
+    slice_thickness = _classic_or_enhanced(ds, "SliceThickness", "PixelMeasuresSequence")
+    spacing = _classic_or_enhanced(ds, "SpacingBetweenSlices", "PixelMeasuresSequence")
 
     image_type = _multi(ds.get("ImageType"))
     frame_type = _multi(_fg(ds, "MRImageFrameTypeSequence", "FrameType"))
@@ -610,6 +600,12 @@ def _cross(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]
 
 
 # --------------------------------------------------------------------------- value helpers
+
+
+def _classic_or_enhanced(ds: Dataset, keyword: str, sequence: str, group_keyword: str | None = None) -> float | None:
+    """A numeric classic top-level attribute, else its Enhanced MR functional-group counterpart."""
+    value = _float(ds.get(keyword))
+    return value if value is not None else _float(_fg(ds, sequence, group_keyword or keyword))
 
 
 def _fg(ds: Dataset, sequence: str, keyword: str | None) -> Any:

@@ -25,12 +25,7 @@ from pipeline.model import ROLE_ORDER, ILDDeepLabV3, ModelConfig
 TINY = ModelConfig(backbone_depth=(1, 1, 1, 1), base_width=4, output_stride=16)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _meta(**kw) -> CheckpointMeta:

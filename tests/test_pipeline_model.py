@@ -25,12 +25,7 @@ S = 5  # slices per role
 TINY = dict(backbone_depth=(1, 1, 1, 1), base_width=4)
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _role_values(out: torch.Tensor, n_roles: int = 4) -> torch.Tensor:
