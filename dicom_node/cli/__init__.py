@@ -13,6 +13,7 @@ import typer
 from dicom_node import __version__
 from dicom_node.cli.phantom import phantom
 from dicom_node.cli.rules import app as rules_app
+from dicom_node.cli.segment import segment
 from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config, to_yaml
 from dicom_node.paths import DEFAULT_CONFIG
 
@@ -35,6 +36,7 @@ app.command(
     "phantom",
     help="Generate synthetic multi-sequence MR brain-metastasis studies (DICOM or NIfTI) with ground truth.",
 )(phantom)
+app.command("segment", help="Segment brain metastases in one study folder: seg.dcm, sr.dcm, summary.json, overview.png.")(segment)
 
 ConfigOption = typer.Option(
     DEFAULT_CONFIG,

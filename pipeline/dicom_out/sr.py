@@ -17,6 +17,7 @@ No lesions: pass ``seg=None``; the report then has only the study-level group (c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -38,6 +39,22 @@ COUNT_LIMIT_MM3 = 10.0  # the limit named by the ILD002 code's meaning
 
 def _segments(seg: Dataset) -> dict[int, Dataset]:
     return {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+
+
+def _per_frame_segment_view(seg: Dataset) -> Dataset:
+    """``seg`` as highdicom's ``ReferencedSegment.from_segmentation`` reads it: that reads the Segment
+    Identification of every frame from the PER-FRAME groups, but a one-segment SEG carries it in the SHARED
+    group. Then a copy with the item moved per frame is returned (for the reference only; ``seg`` unchanged)."""
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
+    if "SegmentIdentificationSequence" not in shared:
+        return seg
+    view = copy.deepcopy(seg)
+    item = view.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence
+    for frame in view.PerFrameFunctionalGroupsSequence:
+        if "SegmentIdentificationSequence" not in frame:
+            frame.SegmentIdentificationSequence = copy.deepcopy(item)
+    del view.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence
+    return view
 
 
 _FUNCTIONAL_GROUP_KEYWORDS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelData")
@@ -106,13 +123,14 @@ def write_sr(
         raise ValueError(f"SEG segments {sorted(segments)} do not match lesions 1..{len(result.lesions)}")
 
     algorithm_id = common.sr_algorithm_identification(algorithm)
+    seg_view = _per_frame_segment_view(seg) if seg is not None else None
     brain = hd.sr.FindingSite(anatomic_location=common.REGION_BRAIN)
     groups: list = []
     for les in result.lesions:
         segment = segments[les.number]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=les.number),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_view, segment_number=les.number),
             finding_type=common.TYPE_METASTASIS,
             finding_sites=[brain],
             algorithm_id=algorithm_id,

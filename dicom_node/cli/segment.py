@@ -1,0 +1,108 @@
+"""``dicom-node segment DICOM_DIR --out DIR``: the whole pipeline on one study in a folder.
+
+Classifies the series under DICOM_DIR with the series rules, runs :func:`pipeline.study.run_study` and writes
+``seg.dcm`` (only when there are lesions), ``sr.dcm``, ``summary.json`` and ``overview.png`` to ``--out``
+(``docs/segment.md``). Messages name UIDs, never patient data or file paths below DICOM_DIR.
+Exit codes: 0 done, 1 the study could not be processed (no usable series, several studies or patients, missing
+or invalid model, unreadable series), 2 bad usage or an invalid config/rules file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def segment(
+    dicom_dir: Path = typer.Argument(..., metavar="DICOM_DIR", exists=True, file_okay=False, dir_okay=True, readable=True,
+                                     help="Folder with the DICOM files of ONE study (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Output folder (created if missing)."),
+    model_path: Path = typer.Option(None, "--model", "-m", show_default=False,
+                                    help="Model checkpoint (.safetensors). Default: model.path of the config."),
+    rules_file: Path = typer.Option(None, "--rules", "-r", show_default=False,
+                                    help="Series rules YAML. Default: the rules file of the config."),
+    config: Path = typer.Option(None, "--config", "-c", show_default="config/node.yaml",
+                                help="Node config (for the default model, device and rules)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per inference batch."),
+    threads: int = typer.Option(None, "--threads", min=1, show_default="all CPU cores",
+                                help="CPU threads for inference."),
+) -> None:
+    """Segment brain metastases in one study: writes seg.dcm (only if lesions), sr.dcm, summary.json, overview.png."""
+    from dicom_node import __version__
+    from dicom_node.config import ConfigError, load_config
+    from dicom_node.headers import scan_directory
+    from dicom_node.paths import DEFAULT_CONFIG
+    from dicom_node.rules import RulesError, assign_studies, load_rules
+
+    try:
+        cfg = load_config(config if config is not None else DEFAULT_CONFIG)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    try:
+        rules = load_rules(rules_file if rules_file is not None else cfg.rules)
+    except RulesError as exc:
+        raise _fail(str(exc), EXIT_USAGE) from None
+    model_file = model_path if model_path is not None else cfg.model.path
+    if not model_file.is_file():
+        default = " (the default model.path of the config; the bundled model is not built yet, issue #4)" \
+            if model_path is None else ""
+        raise _fail(f"model file {model_file} does not exist{default}; pass --model PATH")
+
+    series = scan_directory(dicom_dir)
+    if not series:
+        raise _fail("no DICOM files found under DICOM_DIR")
+    studies = assign_studies(series, rules)
+    if len(studies) > 1:
+        uids = ", ".join(s.study_instance_uid for s in studies)
+        raise _fail(f"DICOM_DIR holds {len(studies)} studies ({uids}); segment takes one study per folder")
+    study = studies[0]
+    if not study.chosen:
+        raise _fail(f"study {study.study_instance_uid}: no usable series (no series matched a role of the rules; "
+                    "see `dicom-node rules test DICOM_DIR`)")
+    sources = {f.series_instance_uid: f.source for f in series}
+    files = {role: [Path(p) for p in sources[c.series_instance_uid]] for role, c in study.chosen.items()}
+
+    from tqdm import tqdm
+
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.io import SeriesLoadError
+    from pipeline.study import StudyError, StudySettings, run_study
+
+    try:
+        model, meta = load_checkpoint(model_file)
+    except CheckpointError as exc:
+        raise _fail(f"invalid model: {exc}") from None
+    settings = StudySettings(batch_size=batch_size, device=cfg.model.device, threads=threads,
+                             software_version=__version__)
+    bar: list[tqdm] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc="inference", unit="batch", file=sys.stderr, leave=False))
+        bar[0].update(1)
+
+    try:
+        result = run_study(files, model, meta, settings=settings, progress=progress)
+    except (StudyError, SeriesLoadError) as exc:
+        raise _fail(f"study {study.study_instance_uid}: {exc}") from None
+    finally:
+        if bar:
+            bar[0].close()
+    written = result.write(out)
+    res = result.lesions
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(f"study {result.study_instance_uid}: {res.count_all} lesion(s), {res.count_ge_10mm3} >= 10 mm3, "
+               f"total {res.total_volume_mm3:.0f} mm3 (threshold {res.threshold:g}; roles "
+               f"{', '.join(result.inference.roles_used)}; reference {result.reference_role}); "
+               f"wrote {', '.join(p.name for p in written.values())} to {out} in {result.timings_s['total']:.1f} s")
