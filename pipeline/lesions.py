@@ -1,6 +1,6 @@
 """Lesions of a probability map: threshold, 26-connected components, per-lesion measurements.
 
-Conventions (see ``/work/shared/spec/ild-method.md``, "Metrics"):
+Conventions (see ``../shared/spec/ild-method.md``, "Metrics"):
 
 * A voxel is foreground when ``probability >= threshold`` (the Youden-point threshold of the model checkpoint),
   compared in the map's own floating-point precision.

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.roles import ROLES
+
 __all__ = [
     "ARCHITECTURES",
     "BACKBONE_DEPTHS",
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 #: The fixed channel order of the method, recorded in every checkpoint.
-ROLE_ORDER: tuple[str, ...] = ("t1_bravo_post", "t1_cube_pre", "t1_cube_post", "flair")
+ROLE_ORDER: tuple[str, ...] = ROLES
 
 #: Integer presets for ``ModelConfig.backbone_depth``: basic-block counts per stage.
 BACKBONE_DEPTHS: dict[int, tuple[int, int, int, int]] = {

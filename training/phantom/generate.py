@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
+from pipeline import roles
 from training.phantom import contrast as mr
 from training.phantom.acquisition import (
     Geometry,
@@ -54,7 +55,7 @@ from training.phantom.vessels import render_vessels
 
 F32 = NDArray[np.float32]
 
-REFERENCE_PREFERENCE = (SeriesKind.T1_BRAVO_POST, SeriesKind.T1_CUBE_POST, SeriesKind.T1_CUBE_PRE, SeriesKind.FLAIR)
+REFERENCE_PREFERENCE = tuple(SeriesKind(role) for role in roles.REFERENCE_PREFERENCE)
 _STUDY_YEAR = 2024  # fixed so that ages and birth dates never depend on the wall clock
 _NAME_WORDS = (
     "ALPHA", "BRAVO", "CEDAR", "DELTA", "EMBER", "FJORD", "GARNET", "HARBOR", "INDIGO", "JUNIPER", "KESTREL",

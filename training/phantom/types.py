@@ -16,8 +16,7 @@ from enum import Enum
 
 import SimpleITK as sitk
 
-ROLES: tuple[str, ...] = ("t1_bravo_post", "t1_cube_pre", "t1_cube_post", "flair")
-"""The model's channel order (fixed by the method spec)."""
+from pipeline.roles import REFERENCE_PREFERENCE, ROLES  # noqa: F401  (re-exported for the phantom)
 
 
 class SeriesKind(str, Enum):
