@@ -17,7 +17,7 @@ PIP := $(VENV)/bin/pip
 DEBIAN_TOOLS := dcmtk dicom3tools
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test demo clean help
+.PHONY: install run test demo clean help debian-tools
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
