@@ -11,15 +11,12 @@ from pathlib import Path
 import typer
 
 from dicom_node import __version__
+from dicom_node.cli.exits import EXIT_NOT_BUILT, EXIT_USAGE, fail
 from dicom_node.cli.phantom import phantom
 from dicom_node.cli.rules import app as rules_app
 from dicom_node.cli.segment import segment
 from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config, to_yaml
 from dicom_node.paths import DEFAULT_CONFIG
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_BUILT = 3
 
 app = typer.Typer(
     name="dicom-node",
@@ -51,8 +48,7 @@ def _load_or_exit(path: Path) -> NodeConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
 
 
 def _version(value: bool) -> None:
@@ -88,8 +84,7 @@ def serve(config: Path = ConfigOption) -> None:
     try:
         check_ports_free(resolved, config)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     typer.echo("# resolved configuration")
     typer.echo(to_yaml(resolved), nl=False)
     typer.echo(

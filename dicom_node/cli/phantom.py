@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from dicom_node.cli.exits import EXIT_USAGE, fail
+
 if TYPE_CHECKING:
     from training.phantom.types import SyntheticStudy
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 FORMAT_CHOICES = ("dicom", "nifti")
 RANDOM_VENDOR = "random"
@@ -33,8 +33,7 @@ LAYOUT_HELP = (
 
 
 def _usage_error(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_USAGE)
+    return fail(message, EXIT_USAGE)
 
 
 def _parse_missing(values: list[str], known: tuple[str, ...]) -> list[str]:
@@ -130,8 +129,7 @@ def phantom(
                                    missing=roles, voxel_mm=voxel_mm, distractors=distractors)
             summary = _write_case(study, out / _case_name(study), fmt_value, enhanced, preview)
         except (OSError, ValueError) as exc:
-            typer.echo(f"error: study with seed {seed + i}: {exc}", err=True)
-            raise typer.Exit(EXIT_FAILED) from None
+            raise fail(f"study with seed {seed + i}: {exc}") from None
         tqdm.write(summary, file=sys.stdout)
 
 

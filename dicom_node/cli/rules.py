@@ -11,11 +11,9 @@ from pathlib import Path
 
 import typer
 
+from dicom_node.cli.exits import EXIT_USAGE, fail
 from dicom_node.headers import SeriesFeatures, scan_directory
 from dicom_node.rules import RulesError, RuleSet, StudyAssignment, assign_studies, default_rules_path, load_rules
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 app = typer.Typer(
     help="Test the series rules (config/series_rules.yaml) on DICOM files: which series gets which role, and why.",
@@ -56,12 +54,10 @@ def test(
     try:
         rules = load_rules(rules_file if rules_file is not None else default_rules_path())
     except RulesError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     series = scan_directory(directory)
     if not series:
-        typer.echo(f"error: no DICOM files found under {directory}", err=True)
-        raise typer.Exit(EXIT_FAILED)
+        raise fail(f"no DICOM files found under {directory}")
     studies = assign_studies(series, rules)
     if as_json:
         typer.echo(json.dumps(_as_json(rules, series, studies), indent=2))

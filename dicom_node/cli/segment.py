@@ -14,13 +14,7 @@ from pathlib import Path
 
 import typer
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+from dicom_node.cli.exits import EXIT_USAGE, fail
 
 
 def segment(
@@ -47,27 +41,27 @@ def segment(
     try:
         cfg = load_config(config if config is not None else DEFAULT_CONFIG)
     except ConfigError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     try:
         rules = load_rules(rules_file if rules_file is not None else cfg.rules)
     except RulesError as exc:
-        raise _fail(str(exc), EXIT_USAGE) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     model_file = model_path if model_path is not None else cfg.model.path
     if not model_file.is_file():
         default = " (the default model.path of the config; the bundled model is not built yet, issue #4)" \
             if model_path is None else ""
-        raise _fail(f"model file {model_file} does not exist{default}; pass --model PATH")
+        raise fail(f"model file {model_file} does not exist{default}; pass --model PATH")
 
     series = scan_directory(dicom_dir)
     if not series:
-        raise _fail("no DICOM files found under DICOM_DIR")
+        raise fail("no DICOM files found under DICOM_DIR")
     studies = assign_studies(series, rules)
     if len(studies) > 1:
         uids = ", ".join(s.study_instance_uid for s in studies)
-        raise _fail(f"DICOM_DIR holds {len(studies)} studies ({uids}); segment takes one study per folder")
+        raise fail(f"DICOM_DIR holds {len(studies)} studies ({uids}); segment takes one study per folder")
     study = studies[0]
     if not study.chosen:
-        raise _fail(f"study {study.study_instance_uid}: no usable series (no series matched a role of the rules; "
+        raise fail(f"study {study.study_instance_uid}: no usable series (no series matched a role of the rules; "
                     "see `dicom-node rules test DICOM_DIR`)")
     sources = {f.series_instance_uid: f.source for f in series}
     files = {role: [Path(p) for p in sources[c.series_instance_uid]] for role, c in study.chosen.items()}
@@ -81,7 +75,7 @@ def segment(
     try:
         model, meta = load_checkpoint(model_file)
     except CheckpointError as exc:
-        raise _fail(f"invalid model: {exc}") from None
+        raise fail(f"invalid model: {exc}") from None
     settings = StudySettings(batch_size=batch_size, device=cfg.model.device, threads=threads,
                              software_version=__version__)
     bar: list[tqdm] = []
@@ -94,7 +88,7 @@ def segment(
     try:
         result = run_study(files, model, meta, settings=settings, progress=progress)
     except (StudyError, SeriesLoadError) as exc:
-        raise _fail(f"study {study.study_instance_uid}: {exc}") from None
+        raise fail(f"study {study.study_instance_uid}: {exc}") from None
     finally:
         if bar:
             bar[0].close()
