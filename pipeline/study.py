@@ -291,7 +291,8 @@ def run_study(
 
     t = time.perf_counter()
     algorithm = algorithm_info(meta, settings)
-    sources = ordered_sources([pydicom.dcmread(p) for p in files[reference_role]])
+    # SEG and SR need the source headers only; the pixels were decoded once, by the load stage.
+    sources = ordered_sources([pydicom.dcmread(p, stop_before_pixels=True) for p in files[reference_role]])
     seg = write_seg(sources, lesions.labels, lesions.lesions, algorithm) if lesions.lesions else None
     sr = write_sr(sources, lesions, algorithm, seg=seg, roles_present=list(inference.roles_used))
     timings["dicom"] = time.perf_counter() - t
