@@ -6,6 +6,7 @@
 #   TORCH_PIP_ARGS  extra pip arguments for torch only (e.g. a CUDA or CPU wheel index on a GPU host)
 #   PYTEST_ARGS     extra pytest arguments (e.g. -k rules, -x)
 #   CONFIG          config file for `make run`
+#   MODEL_STUDIES   synthetic studies generated for `make model` (seeds 1000 ...; the bundled model used 72)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -13,11 +14,13 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 CONFIG ?= config/node.yaml
+MODEL_STUDIES ?= 72
+SYNTHETIC := var/synthetic/nifti
 PIP := $(VENV)/bin/pip
 DEBIAN_TOOLS := dcmtk dicom3tools
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test demo clean help debian-tools
+.PHONY: install run test demo model clean help debian-tools
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,6 +53,16 @@ test: install debian-tools  ## install everything the tests need, then run them 
 demo: install  ## end-to-end demo (filled in by the DICOM-node and PACS issues)
 	@echo "make demo: the end-to-end demo needs the DICOM node (issue #5) and the PACS loop (issue #6); not built yet." >&2
 	@exit 3
+
+$(SYNTHETIC)/.complete-$(MODEL_STUDIES):
+	$(VENV)/bin/dicom-node phantom $(SYNTHETIC) --seed 1000 --count $(MODEL_STUDIES) --format nifti --no-distractors
+	touch $@
+
+model: install $(SYNTHETIC)/.complete-$(MODEL_STUDIES)  ## reproduce the bundled models and their test figures (models/README.md)
+	$(VENV)/bin/dicom-node train --config models/ild-demo.train.yaml --no-progress
+	$(VENV)/bin/dicom-node train --config models/baseline-demo.train.yaml --no-progress
+	$(VENV)/bin/dicom-node model-card --config models/ild-demo.train.yaml --model models/ild-demo.safetensors \
+	  --baseline models/baseline-demo.safetensors --out models/evaluation --no-progress
 
 clean:  ## remove the virtualenv and caches (keeps var/ data)
 	rm -rf $(VENV) .pytest_cache build *.egg-info

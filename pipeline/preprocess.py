@@ -40,6 +40,11 @@ from pipeline.registration import ROLES
 
 F32 = NDArray[np.float32]
 
+#: Name and version of ``normalise_slices`` recorded in checkpoints and training caches; bump the version
+#: whenever its output changes, so stale caches are rebuilt and old checkpoints can be told apart.
+NORMALISATION_NAME = "per-slice-robust-percentile"
+NORMALISATION_VERSION = "1"
+
 
 # --- grid --------------------------------------------------------------------------------------------------
 
@@ -173,7 +178,8 @@ def stack_25d(
         vol = volumes.get(role)
         if vol is None:
             continue
-        out[:, i * slices_per_role:(i + 1) * slices_per_role] = np.asarray(vol, dtype=np.float32)[picks]
+        # index first, then convert: a float16 memory-mapped training cache is never converted whole
+        out[:, i * slices_per_role:(i + 1) * slices_per_role] = np.asarray(vol)[picks]
     return out
 
 

@@ -52,7 +52,8 @@ from pipeline.registration import (
     register_study,
 )
 
-__all__ = ["SUMMARY_VERSION", "RoleInput", "StudyError", "StudyResult", "StudySettings", "run_study"]
+__all__ = ["SUMMARY_VERSION", "RoleInput", "StudyError", "StudyResult", "StudySettings", "check_one_study",
+           "run_study"]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,9 @@ def algorithm_info(meta: CheckpointMeta, settings: StudySettings) -> AlgorithmIn
     )
 
 
-def _check_one_study(loaded: Mapping[str, LoadedSeries]) -> str:
+def check_one_study(loaded: Mapping[str, LoadedSeries]) -> str:
+    """The StudyInstanceUID shared by all ``loaded`` series; :class:`StudyError` for several studies or
+    PatientIDs (the message names UIDs, never the IDs)."""
     studies = sorted({s.study_instance_uid for s in loaded.values()})
     if len(studies) != 1:
         raise StudyError(f"the chosen series belong to {len(studies)} studies ({', '.join(studies)}); "
@@ -256,7 +259,7 @@ def run_study(
 
     t = time.perf_counter()
     loaded = {r: load_series(p) for r, p in files.items()}
-    study_uid = _check_one_study(loaded)
+    study_uid = check_one_study(loaded)
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()

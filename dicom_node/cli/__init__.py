@@ -15,6 +15,7 @@ from dicom_node.cli.exits import EXIT_NOT_BUILT, EXIT_USAGE, fail
 from dicom_node.cli.phantom import phantom
 from dicom_node.cli.rules import app as rules_app
 from dicom_node.cli.segment import segment
+from dicom_node.cli.train import calibrate, model_card, train
 from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config, to_yaml
 from dicom_node.paths import DEFAULT_CONFIG
 
@@ -33,6 +34,9 @@ app.command(
     "phantom",
     help="Generate synthetic multi-sequence MR brain-metastasis studies (DICOM or NIfTI) with ground truth.",
 )(phantom)
+app.command("train", help="Train a model (ILD or baseline) with the method's recipe and calibrate it.")(train)
+app.command("calibrate", help="Choose a model's threshold on validation cases; store per-combination figures.")(calibrate)
+app.command("model-card", help="Test-set figures of a model (and a baseline) for its model card.")(model_card)
 app.command("segment", help="Segment brain metastases in one study folder: seg.dcm, sr.dcm, summary.json, overview.png.")(segment)
 
 ConfigOption = typer.Option(

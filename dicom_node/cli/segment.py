@@ -11,10 +11,42 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from dicom_node.cli.exits import EXIT_USAGE, fail
+
+if TYPE_CHECKING:
+    from dicom_node.rules import RuleSet
+
+
+class StudyFolderError(ValueError):
+    """A folder that does not hold exactly one study with a usable series; one line naming UIDs only."""
+
+
+def study_role_files(folder: Path, rules: RuleSet, name: str) -> tuple[str, dict[str, list[Path]]]:
+    """Classify the series under ``folder`` (recursive) with ``rules``, as ``segment`` does: the StudyInstanceUID
+    and role -> the files of the series chosen for it. ``name`` is how messages call the folder.
+
+    Raises :class:`StudyFolderError` when there is no DICOM file, several studies or no series for any role."""
+    from dicom_node.headers import scan_directory
+    from dicom_node.rules import assign_studies
+
+    series = scan_directory(folder)
+    if not series:
+        raise StudyFolderError(f"no DICOM files found under {name}")
+    studies = assign_studies(series, rules)
+    if len(studies) > 1:
+        uids = ", ".join(s.study_instance_uid for s in studies)
+        raise StudyFolderError(f"{name} holds {len(studies)} studies ({uids}); give one study per folder")
+    study = studies[0]
+    if not study.chosen:
+        raise StudyFolderError(f"study {study.study_instance_uid}: no usable series (no series matched a role "
+                               f"of the rules; see `dicom-node rules test {name}`)")
+    sources = {f.series_instance_uid: f.source for f in series}
+    files = {role: [Path(p) for p in sources[c.series_instance_uid]] for role, c in study.chosen.items()}
+    return study.study_instance_uid, files
 
 
 def segment(
@@ -34,9 +66,8 @@ def segment(
     """Segment brain metastases in one study: writes seg.dcm (only if lesions), sr.dcm, summary.json, overview.png."""
     from dicom_node import __version__
     from dicom_node.config import ConfigError, load_config
-    from dicom_node.headers import scan_directory
     from dicom_node.paths import DEFAULT_CONFIG
-    from dicom_node.rules import RulesError, assign_studies, load_rules
+    from dicom_node.rules import RulesError, load_rules
 
     try:
         cfg = load_config(config if config is not None else DEFAULT_CONFIG)
@@ -52,19 +83,10 @@ def segment(
             if model_path is None else ""
         raise fail(f"model file {model_file} does not exist{default}; pass --model PATH")
 
-    series = scan_directory(dicom_dir)
-    if not series:
-        raise fail("no DICOM files found under DICOM_DIR")
-    studies = assign_studies(series, rules)
-    if len(studies) > 1:
-        uids = ", ".join(s.study_instance_uid for s in studies)
-        raise fail(f"DICOM_DIR holds {len(studies)} studies ({uids}); segment takes one study per folder")
-    study = studies[0]
-    if not study.chosen:
-        raise fail(f"study {study.study_instance_uid}: no usable series (no series matched a role of the rules; "
-                    "see `dicom-node rules test DICOM_DIR`)")
-    sources = {f.series_instance_uid: f.source for f in series}
-    files = {role: [Path(p) for p in sources[c.series_instance_uid]] for role, c in study.chosen.items()}
+    try:
+        study_uid, files = study_role_files(dicom_dir, rules, "DICOM_DIR")
+    except StudyFolderError as exc:
+        raise fail(str(exc)) from None
 
     from tqdm import tqdm
 
@@ -88,7 +110,7 @@ def segment(
     try:
         result = run_study(files, model, meta, settings=settings, progress=progress)
     except (StudyError, SeriesLoadError) as exc:
-        raise fail(f"study {study.study_instance_uid}: {exc}") from None
+        raise fail(f"study {study_uid}: {exc}") from None
     finally:
         if bar:
             bar[0].close()

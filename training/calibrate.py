@@ -1,0 +1,122 @@
+"""Calibration on the validation cases: the operating threshold and the per-combination expectations.
+
+* Threshold: the maximum Youden index (sensitivity + specificity - 1) of the voxel-wise ROC pooled over the
+  validation cases, inside their brain masks, with every role the model takes present (the method spec; the
+  paper's ILD threshold was 0.76). Predicted positive means ``probability >= threshold``.
+* For each of the model's role combinations (15 for the four-role ILD model; one for a baseline), at that
+  threshold: mean per-patient voxel AUC (in the brain mask) and Dice, and the pooled lesion sensitivity (GT
+  lesions hit / GT lesions, 26-connected). These go into the checkpoint (``CheckpointMeta.validation``) so that
+  every result can say how well the model is expected to do with the sequences it was given.
+* Predictions are made by :func:`pipeline.inference.predict_probability` on the cached model-grid volumes:
+  the inference code itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydicom.uid import generate_uid
+from tqdm import tqdm
+
+from pipeline.checkpoint import CheckpointMeta, save_checkpoint
+from pipeline.inference import predict_probability
+from pipeline.model import ILDDeepLabV3, combination_key
+from pipeline.preprocess import NORMALISATION_NAME, NORMALISATION_VERSION
+from training.data.cache import CachedCase
+from training.metrics import PatientMetrics, evaluate_patient, summarise, youden_threshold
+
+__all__ = ["Calibration", "calibrate", "calibrate_and_save", "combinations", "evaluate_cases", "predict_case"]
+
+
+def combinations(roles: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``roles`` (kept in their order), largest first: 15 for four roles."""
+    return [c for k in range(len(roles), 0, -1) for c in itertools.combinations(roles, k)]
+
+
+def predict_case(model: ILDDeepLabV3, case: CachedCase, roles: Sequence[str], device: torch.device | str = "cpu",
+                 threads: int | None = None) -> np.ndarray:
+    """Probability (float32, model grid) for ``case`` given only ``roles``."""
+    return predict_probability(model, case.prepared(roles, model.config.slices_per_role), device=device,
+                               threads=threads)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float
+    sensitivity: float
+    specificity: float
+    per_combination: dict[str, list[PatientMetrics]]
+
+    def validation_table(self) -> dict[str, dict[str, float]]:
+        """``CheckpointMeta.validation``: per combination mean AUC, mean Dice and pooled lesion sensitivity."""
+        out = {}
+        for key, patients in self.per_combination.items():
+            s = summarise(patients)
+            entry = {"auc": s["auc"]["mean"], "dice": s["dice"]["mean"],
+                     "lesion_sensitivity": s["pooled_lesion_sensitivity"]}
+            out[key] = {k: float(v) for k, v in entry.items() if np.isfinite(v)}
+        return out
+
+
+def evaluate_cases(model: ILDDeepLabV3, cases: Sequence[CachedCase], threshold: float,
+                   combos: Sequence[Sequence[str]], *, device: torch.device | str = "cpu", progress: bool = True,
+                   desc: str = "evaluate") -> Iterator[tuple[str, PatientMetrics, np.ndarray]]:
+    """Per combination and case (cases lacking one of the combination's roles are skipped): the key, the
+    patient's metrics at ``threshold``, and the probability map."""
+    jobs = [(c, case) for c in combos for case in cases if all(case.volumes.get(r) is not None for r in c)]
+    for combo, case in tqdm(jobs, desc=desc, unit="case", disable=not progress):
+        prob = predict_case(model, case, combo, device)
+        yield combination_key(combo), evaluate_patient(prob, np.asarray(case.label) > 0, np.asarray(case.brain) > 0,
+                                                       case.spacing_mm, threshold, case_id=case.case_id), prob
+
+
+def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch.device | str = "cpu",
+              progress: bool = True) -> Calibration:
+    """Threshold and per-combination figures on ``cases`` (validation); see the module doc."""
+    roles = tuple(model.config.roles)
+    full = [c for c in cases if all(c.volumes.get(r) is not None for r in roles)]
+    if not full:
+        raise ValueError(f"no validation case has every role the model takes ({list(roles)})")
+    scores, labels = [], []
+    for case in tqdm(full, desc="threshold", unit="case", disable=not progress):
+        prob = predict_case(model, case, roles, device)
+        brain = np.asarray(case.brain) > 0
+        scores.append(prob[brain])
+        labels.append(np.asarray(case.label)[brain] > 0)
+    threshold, sens, spec = youden_threshold(np.concatenate(scores), np.concatenate(labels))
+    del scores, labels
+    per: dict[str, list[PatientMetrics]] = {}
+    for key, metrics, _ in evaluate_cases(model, cases, threshold, combinations(roles), device=device,
+                                          progress=progress, desc="combinations"):
+        per.setdefault(key, []).append(metrics)
+    return Calibration(threshold=float(threshold), sensitivity=float(sens), specificity=float(spec),
+                       per_combination=per)
+
+
+def calibrate_and_save(model: ILDDeepLabV3, cases: Sequence[CachedCase], path: Path, *, name: str, version: str,
+                       training_data: str, run_uid: str | None = None, report_path: Path | None = None,
+                       device: torch.device | str = "cpu", progress: bool = True) -> CheckpointMeta:
+    """:func:`calibrate`, then write the checkpoint (threshold and validation table in its metadata) and,
+    when ``report_path`` is given, a JSON report with every patient's figures."""
+    cal = calibrate(model, cases, device=device, progress=progress)
+    # the threshold must lie strictly inside (0, 1) for the checkpoint (a degenerate model could give 1.0)
+    threshold = float(np.clip(cal.threshold, 1e-6, 1 - 1e-6))
+    meta = CheckpointMeta(model_name=name, model_version=version, threshold=threshold,
+                          normalisation=NORMALISATION_NAME, normalisation_version=NORMALISATION_VERSION,
+                          training_data=training_data, validation=cal.validation_table(),
+                          training_run_uid=run_uid or str(generate_uid()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model.to("cpu"), meta)
+    if report_path is not None:
+        report = {"threshold": threshold, "youden_sensitivity": cal.sensitivity,
+                  "youden_specificity": cal.specificity, "validation": cal.validation_table(),
+                  "patients": {k: [m.to_dict() for m in v] for k, v in cal.per_combination.items()},
+                  "summary": {k: summarise(v) for k, v in cal.per_combination.items()}}
+        report_path.write_text(json.dumps(report, indent=1, default=float))
+    return meta
