@@ -46,11 +46,13 @@ def test_missing_model_file(case, tmp_path):
 
 
 def test_default_model_is_config_path(case, tmp_path):
-    """The bundled model (config/node.yaml model.path) does not exist yet: one clear line, exit 1."""
+    """Without --model the config's model.path is used; a missing one is one clear line, exit 1."""
     _, dicom, _ = case
-    r = runner.invoke(app, ["segment", str(dicom), "--out", str(tmp_path / "o")])
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("model:\n  path: nowhere/missing.safetensors\n")
+    r = runner.invoke(app, ["segment", str(dicom), "--out", str(tmp_path / "o"), "--config", str(cfg)])
     assert r.exit_code == 1
-    assert "ild-demo.safetensors does not exist" in r.output and "issue #4" in r.output
+    assert "missing.safetensors does not exist (model.path of the config" in r.output
 
 
 def test_no_usable_series(tmp_path, case):

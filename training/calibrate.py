@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,11 @@ from pipeline.checkpoint import CheckpointMeta, save_checkpoint
 from pipeline.inference import predict_probability
 from pipeline.model import ILDDeepLabV3, combination_key
 from pipeline.preprocess import NORMALISATION_NAME, NORMALISATION_VERSION
-from training.data.cache import CachedCase
+from training.data.cache import CachedCase, GridSettings
 from training.metrics import PatientMetrics, evaluate_patient, summarise, youden_threshold
 
-__all__ = ["Calibration", "calibrate", "calibrate_and_save", "combinations", "evaluate_cases", "predict_case"]
+__all__ = ["Calibration", "calibrate", "calibrate_and_save", "combinations", "evaluate_cases", "model_combinations",
+           "predict_case"]
 
 
 def combinations(roles: Sequence[str]) -> list[tuple[str, ...]]:
@@ -39,11 +40,20 @@ def combinations(roles: Sequence[str]) -> list[tuple[str, ...]]:
     return [c for k in range(len(roles), 0, -1) for c in itertools.combinations(roles, k)]
 
 
+def model_combinations(model: ILDDeepLabV3) -> list[tuple[str, ...]]:
+    """The role combinations ``model`` can be run on: every subset for an ILD model, only all of its roles for a
+    baseline (trained without input-level dropout, it refuses missing roles)."""
+    roles = tuple(model.config.roles)
+    return combinations(roles) if model.config.ild else [roles]
+
+
 def predict_case(model: ILDDeepLabV3, case: CachedCase, roles: Sequence[str], device: torch.device | str = "cpu",
                  threads: int | None = None) -> np.ndarray:
-    """Probability (float32, model grid) for ``case`` given only ``roles``."""
-    return predict_probability(model, case.prepared(roles, model.config.slices_per_role), device=device,
-                               threads=threads)
+    """Probability (float32, model grid) for ``case`` given only ``roles``; on ``threads`` CPU threads (default: the
+    process's current torch setting, e.g. the trainer's ``recipe.threads``, not every core)."""
+    # the model's own role order (a baseline takes three of the four): ``prepared`` alone lists all four
+    prepared = replace(case.prepared(roles, model.config.slices_per_role), roles=tuple(model.config.roles))
+    return predict_probability(model, prepared, device=device, threads=threads or torch.get_num_threads())
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch
     threshold, sens, spec = youden_threshold(np.concatenate(scores), np.concatenate(labels))
     del scores, labels
     per: dict[str, list[PatientMetrics]] = {}
-    for key, metrics, _ in evaluate_cases(model, cases, threshold, combinations(roles), device=device,
+    for key, metrics, _ in evaluate_cases(model, cases, threshold, model_combinations(model), device=device,
                                           progress=progress, desc="combinations"):
         per.setdefault(key, []).append(metrics)
     return Calibration(threshold=float(threshold), sensitivity=float(sens), specificity=float(spec),
@@ -100,17 +110,19 @@ def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch
 
 
 def calibrate_and_save(model: ILDDeepLabV3, cases: Sequence[CachedCase], path: Path, *, name: str, version: str,
-                       training_data: str, run_uid: str | None = None, report_path: Path | None = None,
+                       training_data: str, run_uid: str | None = None, grid: GridSettings = GridSettings(),
+                       report_path: Path | None = None,
                        device: torch.device | str = "cpu", progress: bool = True) -> CheckpointMeta:
     """:func:`calibrate`, then write the checkpoint (threshold and validation table in its metadata) and,
-    when ``report_path`` is given, a JSON report with every patient's figures."""
+    when ``report_path`` is given; ``grid`` is the model grid the cases were prepared on, a JSON report with every patient's figures."""
     cal = calibrate(model, cases, device=device, progress=progress)
     # the threshold must lie strictly inside (0, 1) for the checkpoint (a degenerate model could give 1.0)
     threshold = float(np.clip(cal.threshold, 1e-6, 1 - 1e-6))
     meta = CheckpointMeta(model_name=name, model_version=version, threshold=threshold,
                           normalisation=NORMALISATION_NAME, normalisation_version=NORMALISATION_VERSION,
                           training_data=training_data, validation=cal.validation_table(),
-                          training_run_uid=run_uid or str(generate_uid()))
+                          training_run_uid=run_uid or str(generate_uid()), in_plane_size=grid.size,
+                          through_plane_mm=grid.through_plane_mm)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model.to("cpu"), meta)
     if report_path is not None:

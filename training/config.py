@@ -50,6 +50,9 @@ class ModelSection(_Section):
     architecture: str = DEFAULT_ARCHITECTURE
     name: str = "ild"
     version: str = "0.0.0"
+    #: the model grid (written into the checkpoint; inference resamples onto the same grid)
+    in_plane_size: int = Field(default=256, ge=32)
+    through_plane_mm: float = Field(default=1.0, gt=0)
 
     @field_validator("architecture")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.checkpoint import CheckpointMeta, load_checkpoint
 from pipeline.model import ILDDeepLabV3, combination_key
-from training.calibrate import combinations, evaluate_cases
+from training.calibrate import evaluate_cases, model_combinations
 from training.data.cache import CachedCase
 from training.config import TrainConfig
 from training.metrics import PatientMetrics, count_group, summarise
@@ -50,7 +50,7 @@ def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[Ca
     per: dict[str, list[PatientMetrics]] = {}
     t0 = time.perf_counter()
     n_slices = 0
-    for key, m, prob in evaluate_cases(model, cases, meta.threshold, combinations(model.config.roles),
+    for key, m, prob in evaluate_cases(model, cases, meta.threshold, model_combinations(model),
                                        progress=progress, desc=meta.model_name):
         per.setdefault(key, []).append(m)
         n_slices += prob.shape[0]
@@ -103,6 +103,9 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
         if path is None:
             continue
         model, meta = load_checkpoint(path)
+        if (meta.in_plane_size, meta.through_plane_mm) != (cfg.model.in_plane_size, cfg.model.through_plane_mm):
+            raise ValueError(f"{path}: trained on a {meta.in_plane_size} px / {meta.through_plane_mm} mm grid, the "
+                             f"config prepares {cfg.model.in_plane_size} px / {cfg.model.through_plane_mm} mm")
         results[label] = evaluate_model(model, meta, test, progress=progress)
     doc = {"test_cases": test_ids, "lesion_counts": {c: cases[c].n_lesions for c in test_ids}, **results}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
     ild = results["model"]
     no_bravo = combination_key(["t1_cube_pre", "t1_cube_post", "flair"])
     md = [f"Held-out synthetic test set: {len(test)} studies (lesion-count groups: "
-          + ", ".join(f"{g}: {sum(1 for c in test if count_group(cases[c].n_lesions) == g)}" for g in ("1-3", "4-10", ">10"))
+          + ", ".join(f"{g}: {sum(1 for c in test if count_group(c.n_lesions) == g)}" for g in ("1-3", "4-10", ">10"))
           + "). Mean +/- SD over patients; lesion sensitivity pooled over lesions; FP = predicted components "
             "touching no true lesion (26-connected).\n"]
     rows = [(f"{ild['model_name']} (ILD), BRAVO missing", ild["combinations"][no_bravo]["summary"])]

@@ -42,7 +42,7 @@ from training.data.sources import find_sources
 from training.loss import segmentation_loss
 from training.splits import make_splits, read_splits, write_splits
 
-__all__ = ["DistEnv", "TrainResult", "describe_sources", "load_cases", "split_cases", "train"]
+__all__ = ["DistEnv", "TrainResult", "describe_sources", "grid_settings", "load_cases", "split_cases", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,18 @@ def describe_sources(config: TrainConfig) -> str:
     return "; ".join(f"{s.kind}:{s.path.name}" for s in config.data.sources)
 
 
+def grid_settings(config: TrainConfig) -> GridSettings:
+    """The model grid of ``config`` (its model section and its architecture's slices per role)."""
+    return GridSettings(size=config.model.in_plane_size, through_plane_mm=config.model.through_plane_mm,
+                        slices_per_role=ARCHITECTURES[config.model.architecture].slices_per_role)
+
+
 def load_cases(config: TrainConfig, assign_roles: RoleAssigner | None = None, *, progress: bool = True,
                grid: GridSettings | None = None) -> dict[str, CachedCase]:
     """Every case of every source, cached (built on first use); ids must be unique across sources.
     ``assign_roles`` (needed for DICOM sources; its ``key`` attribute, when it has one, joins the cache key)
     maps a case folder to its role series."""
-    grid = grid or GridSettings(slices_per_role=ARCHITECTURES[config.model.architecture].slices_per_role)
+    grid = grid or grid_settings(config)
     sources = []
     for e in config.data.sources:
         if e.kind == "dicom":
@@ -193,13 +199,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         cases = load_cases(config, assign_roles, progress=False)
         splits = read_splits(out / "splits.json")
 
+    torch.manual_seed(rcp.seed * 1000 + env.rank)  # before build_model: the seed decides the initial weights too
     model = build_model(config.model.architecture).to(device)
     arch = model.config
     train_cases = _usable([cases[c] for c in splits["train"]], arch.roles, need_all=not arch.ild)
     val_cases = _usable([cases[c] for c in splits["validation"]], arch.roles, need_all=not arch.ild)
     if not train_cases or not val_cases:
         raise ValueError(f"no training or validation case has the roles the model needs ({list(arch.roles)})")
-    torch.manual_seed(rcp.seed * 1000 + env.rank)
     rng = np.random.default_rng([rcp.seed, env.rank])
     sampler = SliceSampler(train_cases, rcp.lesion_fraction, rng)
     steps = rcp.steps_per_epoch or max(1, sampler.n_slices // rcp.batch_size)
@@ -289,7 +295,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     if env.is_main and calibrate:
         calibrate_and_save(model, val_cases, config.output.checkpoint, name=config.model.name,
                            version=config.model.version, training_data=describe_sources(config),
-                           run_uid=run_uid, report_path=out / "calibration.json", device=device,
+                           run_uid=run_uid, grid=grid_settings(config), report_path=out / "calibration.json", device=device,
                            progress=progress)
     if env.world_size > 1:
         dist.barrier()

@@ -79,7 +79,7 @@ def segment(
         raise fail(str(exc), EXIT_USAGE) from None
     model_file = model_path if model_path is not None else cfg.model.path
     if not model_file.is_file():
-        default = " (the default model.path of the config; the bundled model is not built yet, issue #4)" \
+        default = " (model.path of the config; the bundled models/ild-demo.safetensors is rebuilt by `make model`)" \
             if model_path is None else ""
         raise fail(f"model file {model_file} does not exist{default}; pass --model PATH")
 

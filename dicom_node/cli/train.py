@@ -82,7 +82,8 @@ def calibrate(
     from pipeline.checkpoint import CheckpointError, load_checkpoint
     from pipeline.inference import resolve_device
     from training.calibrate import calibrate_and_save
-    from training.config import DataSection, SourceEntry, TrainConfig
+    from training.config import DataSection, ModelSection, SourceEntry, TrainConfig
+    from training.data.cache import GridSettings
     from training.data.case import CaseError
     from training.splits import read_splits
     from training.trainer import describe_sources, load_cases
@@ -94,7 +95,12 @@ def calibrate(
     try:
         if config is not None:
             cfg = _load_train_config(config)
-            cases = load_cases(cfg, _assign_roles(cfg), progress=not no_progress)
+            if (cfg.model.in_plane_size, cfg.model.through_plane_mm) != (meta.in_plane_size, meta.through_plane_mm):
+                raise fail(f"the model was trained on a {meta.in_plane_size} px / {meta.through_plane_mm} mm grid, "
+                           f"{config} prepares {cfg.model.in_plane_size} px / {cfg.model.through_plane_mm} mm",
+                           EXIT_USAGE)
+            cases = load_cases(cfg, _assign_roles(cfg), progress=not no_progress,
+                               grid=GridSettings(meta.in_plane_size, meta.through_plane_mm, net.config.slices_per_role))
             splits_file = cfg.output.dir / "splits.json"
             if not splits_file.is_file():
                 raise fail(f"{splits_file} not found: train with this config first, or use --data", EXIT_USAGE)
@@ -104,11 +110,17 @@ def calibrate(
             if kind not in ("nifti", "dicom", "brainmetshare"):
                 raise fail(f"--kind: expected nifti, dicom or brainmetshare, got {kind!r}", EXIT_USAGE)
             cfg = TrainConfig(data=DataSection(sources=[SourceEntry(kind=kind, path=data.resolve())],
-                                               cache=(cache or out.resolve().parent / "cache").resolve()))
-            chosen = list(load_cases(cfg, _assign_roles(cfg), progress=not no_progress).values())
+                                               cache=(cache or out.resolve().parent / "cache").resolve()),
+                              model=ModelSection(in_plane_size=meta.in_plane_size,
+                                                 through_plane_mm=meta.through_plane_mm))
+            chosen = list(load_cases(cfg, _assign_roles(cfg), progress=not no_progress,
+                                     grid=GridSettings(meta.in_plane_size, meta.through_plane_mm,
+                                                       net.config.slices_per_role)).values())
             description = meta.training_data
         cal_meta = calibrate_and_save(net, chosen, out, name=meta.model_name, version=meta.model_version,
                                       training_data=description, run_uid=meta.training_run_uid,
+                                      grid=GridSettings(meta.in_plane_size, meta.through_plane_mm,
+                                                        net.config.slices_per_role),
                                       report_path=out.with_suffix(".calibration.json"),
                                       device=resolve_device(device), progress=not no_progress)
     except (CaseError, ValueError) as exc:
