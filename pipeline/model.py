@@ -364,16 +364,20 @@ def count_parameters(model: nn.Module) -> int:
 #:   ild-small       ResNet-18, width 16, OS16:  1.0 M params,  1.1 GFLOP, ~11 ms/slice
 #:   ild-base        ResNet-18, width 32, OS16:  4.0 M params,  3.5 GFLOP, 20-23 ms/slice  <- default
 #:   ild-large       ResNet-34, width 64, OS16: 26.1 M params, 18.7 GFLOP, ~96 ms/slice (GPU-sized)
-#:   baseline-small / baseline-base: the small / base networks on pre/post CUBE + FLAIR (15 channels),
-#:   no ILD: ~7 / ~18 ms/slice.
+#:   ild-small-os8   ResNet-18, width 16, OS8:   1.0 M params, ~15 ms/slice: finer output (lesions of a few mm
+#:                   are smaller than an OS16 cell); the bundled ``models/ild-demo`` model
+#:   baseline-small / baseline-base / baseline-small-os8: the same networks on pre/post CUBE + FLAIR
+#:   (15 channels), no ILD: ~7 / ~18 / ~15 ms/slice.
 #: Measured but not shipped: ResNet-18 width 40 OS16 ~31 ms, ResNet-34 width 24 OS16 ~20 ms,
-#: ResNet-18 OS8 width 16 ~15 ms, width 32 ~48 ms (over budget).
+#: ResNet-18 OS8 width 32 ~48 ms (over budget).
 ARCHITECTURES: dict[str, ModelConfig] = {
     "ild-small": ModelConfig(backbone_depth=18, base_width=16, output_stride=16),
     "ild-base": ModelConfig(backbone_depth=18, base_width=32, output_stride=16),
     "ild-large": ModelConfig(backbone_depth=34, base_width=64, output_stride=16),
+    "ild-small-os8": ModelConfig(backbone_depth=18, base_width=16, output_stride=8),
     "baseline-small": ModelConfig(roles=ROLE_ORDER[1:], backbone_depth=18, base_width=16, output_stride=16, ild=False),
     "baseline-base": ModelConfig(roles=ROLE_ORDER[1:], backbone_depth=18, base_width=32, output_stride=16, ild=False),
+    "baseline-small-os8": ModelConfig(roles=ROLE_ORDER[1:], backbone_depth=18, base_width=16, output_stride=8, ild=False),
 }
 
 #: The default architecture: the widest that meets <= 25 ms / slice on 2 CPU cores (with little margin:

@@ -42,7 +42,7 @@ from pipeline.dicom_out import AlgorithmInfo, ordered_sources, write_seg, write_
 from pipeline.inference import InferenceResult, ProgressCallback, run_inference
 from pipeline.io import LoadedSeries, load_series
 from pipeline.lesions import LesionResult, find_lesions
-from pipeline.model import ILDDeepLabV3
+from pipeline.model import ILDDeepLabV3, combination_key
 from pipeline.preprocess import prepare_study
 from pipeline.registration import (
     ROLES,
@@ -108,6 +108,16 @@ class StudyResult:
     def roles_present(self) -> tuple[str, ...]:
         return tuple(self.roles)
 
+    def expected_performance(self) -> dict[str, Any] | None:
+        """The model's validation figures (AUC, Dice, lesion sensitivity; from its checkpoint) for the role
+        combination this study gave it, or None when the checkpoint has none for it."""
+        key = combination_key(self.inference.roles_used)
+        figures = self.meta.validation.get(key)
+        if figures is None:
+            return None
+        return {"roles": key, **{k: round(float(v), 4) for k, v in figures.items()},
+                "source": "the model's validation set (checkpoint metadata), not this study"}
+
     def summary(self) -> dict[str, Any]:
         """The ``summary.json`` content (see ``docs/segment.md``): UIDs and numbers only, no patient data."""
         return {
@@ -135,6 +145,7 @@ class StudyResult:
                 "through_plane_mm": self.meta.through_plane_mm,
             },
             "threshold": self.lesions.threshold,
+            "expected_performance": self.expected_performance(),
             "inference": {
                 "device": self.inference.device, "threads": self.inference.threads,
                 "batch_size": self.inference.batch_size, "n_batches": self.inference.n_batches,

@@ -80,8 +80,12 @@ def known_checkpoint(path: Path, pos_role: str, neg_role: str | None = "t1_cube_
                      through_plane_mm: float = 3.0) -> Path:
     meta = CheckpointMeta(model_name="ILD-known-function", model_version="0.0.1-test", threshold=THRESHOLD,
                           normalisation="per-slice robust", normalisation_version="1", training_data="none (test)",
-                          in_plane_size=IN_PLANE, through_plane_mm=through_plane_mm)
+                          in_plane_size=IN_PLANE, through_plane_mm=through_plane_mm, validation=VALIDATION)
     return save_checkpoint(path, known_model(pos_role, neg_role), meta)
+
+
+# validation figures for the four-role combination only: a study with all four gets them in its summary
+VALIDATION = {"t1_bravo_post+t1_cube_pre+t1_cube_post+flair": {"auc": 0.99, "dice": 0.8, "lesion_sensitivity": 0.9}}
 
 
 def lesion_study(seed: int, missing: tuple[str, ...] = (), blank_lesions: bool = False):
@@ -209,6 +213,9 @@ def test_summary_json(full):
     assert s["roles"]["t1_bravo_post"]["registration"]["is_reference"] is True
     assert s["roles_missing"] == []
     assert s["threshold"] == THRESHOLD
+    assert s["expected_performance"] == {"roles": "t1_bravo_post+t1_cube_pre+t1_cube_post+flair", "auc": 0.99,
+                                         "dice": 0.8, "lesion_sensitivity": 0.9,
+                                         "source": "the model's validation set (checkpoint metadata), not this study"}
     assert s["model"]["name"] == "ILD-known-function" and s["model"]["version"] == "0.0.1-test"
     assert s["model"]["training_run_uid"] == result.meta.training_run_uid
     assert s["lesion_count"] == len(s["lesions"]) == result.lesions.count_all >= 1
@@ -253,6 +260,7 @@ def test_missing_bravo_uses_cube_post(tmp_path):
     written = result.write(tmp_path / "out")
     s = json.loads(written["summary"].read_text())
     assert s["roles_missing"] == ["t1_bravo_post"] and s["reference_role"] == "t1_cube_post"
+    assert s["expected_performance"] is None  # the checkpoint has no validation figures for these three roles
     for truth in _truth_lesions(study):
         d = [np.linalg.norm(np.subtract(f.centroid_lps_mm, truth.centroid_lps_mm)) for f in result.lesions.lesions]
         assert min(d) < 5.0

@@ -270,6 +270,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
             n_loss += 1
             bar.set_postfix(loss=f"{running / n_loss:.4f}")
         seconds = time.perf_counter() - t0
+        if env.world_size > 1:  # the logged training loss is the mean over every process's batches
+            total = torch.tensor([running, float(n_loss)], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            running, n_loss = float(total[0]) / env.world_size, int(total[1]) // env.world_size
         if env.is_main:
             val_loss, val_dice = _monitor(model, val_cases, rcp.monitor_slices, rcp.seed, config, device)
             row = [epoch + 1, (epoch + 1) * steps, f"{running / max(n_loss, 1):.6f}", f"{val_loss:.6f}",

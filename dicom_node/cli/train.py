@@ -7,6 +7,7 @@ invalid training config (one line naming the key).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -57,6 +58,8 @@ def train(
         result = run_training(cfg, resume=resume, progress=not no_progress, assign_roles=_assign_roles(cfg))
     except (CaseError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports
     typer.echo(f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics_csv}\nsplits:     "
                f"{result.splits_json}\n{result.epochs_run} epoch(s) in {result.seconds:.0f} s on {result.device}")
 
