@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.checkpoint import CheckpointMeta, load_checkpoint
 from pipeline.model import ILDDeepLabV3, combination_key
 from training.calibrate import evaluate_cases, model_combinations
 from training.data.cache import CachedCase
 from training.config import TrainConfig
-from training.metrics import PatientMetrics, count_group, summarise
+from training.metrics import PatientMetrics, count_group, evaluate_patient, summarise
 from training.splits import read_splits
 from training.trainer import load_cases
 
@@ -44,21 +46,36 @@ def short_name(key: str) -> str:
     return " + ".join(_SHORT[r] for r in key.split("+"))
 
 
+#: The paper's test condition (no BRAVO) and the full set: also scored at other thresholds, to show how much
+#: of the overlap and false-positive figures is the Youden rule's choice rather than the ranking (AUC).
+_THRESHOLD_STUDY = ("t1_cube_pre+t1_cube_post+flair", "t1_bravo_post+t1_cube_pre+t1_cube_post+flair")
+OTHER_THRESHOLDS = (0.5, 0.9)
+
+
 def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[CachedCase], *,
                    progress: bool = True) -> dict[str, Any]:
-    """Per combination: the patients' metrics and their summary, at the checkpoint's threshold."""
+    """Per combination: the patients' metrics and their summary at the checkpoint's threshold; for the no-BRAVO
+    and four-role combinations also at :data:`OTHER_THRESHOLDS` (same predictions)."""
     per: dict[str, list[PatientMetrics]] = {}
+    other: dict[str, dict[float, list[PatientMetrics]]] = {}
     t0 = time.perf_counter()
     n_slices = 0
     for key, m, prob in evaluate_cases(model, cases, meta.threshold, model_combinations(model),
                                        progress=progress, desc=meta.model_name):
         per.setdefault(key, []).append(m)
         n_slices += prob.shape[0]
+        if key in _THRESHOLD_STUDY:
+            case = next(c for c in cases if c.case_id == m.case_id)
+            for t in OTHER_THRESHOLDS:
+                other.setdefault(key, {}).setdefault(t, []).append(evaluate_patient(
+                    prob, np.asarray(case.label) > 0, np.asarray(case.brain) > 0, case.spacing_mm, t,
+                    case_id=case.case_id))
     seconds = time.perf_counter() - t0
     return {"model_name": meta.model_name, "model_version": meta.model_version, "threshold": meta.threshold,
             "architecture": model.config.to_dict(), "seconds": seconds, "slices": n_slices,
             "combinations": {k: {"summary": summarise(v), "patients": [p.to_dict() for p in v]}
-                             for k, v in per.items()}}
+                             for k, v in per.items()},
+            "other_thresholds": {k: {str(t): summarise(v) for t, v in d.items()} for k, d in other.items()}}
 
 
 def _pm(s: dict[str, Any], name: str, digits: int = 3) -> str:
@@ -128,6 +145,11 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
     md.append("### ILD model, every role combination\n\n" + markdown_table(
         [(short_name(k), v["summary"]) for k, v in ild["combinations"].items()]))
     md.append("### By number of lesions (BRAVO missing)\n\n" + _groups_table(ild["model_name"], ild["combinations"][no_bravo]["summary"]))
+    thr_rows = [(f"{r['model_name']}, {short_name(k)}, threshold {t}", d[t])
+                for r in results.values() for k, d in r["other_thresholds"].items() for t in d]
+    if thr_rows:
+        md.append("### The same predictions at other thresholds (not the model's operating point)\n\n"
+                  + markdown_table(thr_rows))
     for label, r in results.items():
         md.append(f"{r['model_name']}: threshold {r['threshold']:.3f}; evaluation {r['seconds']:.0f} s for "
                   f"{r['slices']} slices ({1000 * r['seconds'] / max(r['slices'], 1):.1f} ms/slice incl. metrics).\n")
