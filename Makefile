@@ -62,7 +62,8 @@ model: install $(SYNTHETIC)/.complete-$(MODEL_STUDIES)  ## reproduce the bundled
 	$(VENV)/bin/dicom-node train --config models/ild-demo.train.yaml --no-progress
 	$(VENV)/bin/dicom-node train --config models/baseline-demo.train.yaml --no-progress
 	$(VENV)/bin/dicom-node model-card --config models/ild-demo.train.yaml --model models/ild-demo.safetensors \
-	  --baseline models/baseline-demo.safetensors --out models/evaluation --no-progress
+	  --baseline models/baseline-demo.safetensors --baseline-config models/baseline-demo.train.yaml \
+	  --out models/evaluation --no-progress
 
 clean:  ## remove the virtualenv and caches (keeps var/ data)
 	rm -rf $(VENV) .pytest_cache build *.egg-info

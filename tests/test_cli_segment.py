@@ -11,6 +11,7 @@ from test_pipeline_study import known_checkpoint, lesion_study, write_study
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
+from dicom_node.paths import DEFAULT_RULES
 
 runner = CliRunner()
 
@@ -49,7 +50,7 @@ def test_default_model_is_config_path(case, tmp_path):
     """Without --model the config's model.path is used; a missing one is one clear line, exit 1."""
     _, dicom, _ = case
     cfg = tmp_path / "node.yaml"
-    cfg.write_text("model:\n  path: nowhere/missing.safetensors\n")
+    cfg.write_text(f"model:\n  path: nowhere/missing.safetensors\nrules: {DEFAULT_RULES}\n")
     r = runner.invoke(app, ["segment", str(dicom), "--out", str(tmp_path / "o"), "--config", str(cfg)])
     assert r.exit_code == 1
     assert "missing.safetensors does not exist (model.path of the config" in r.output

@@ -28,7 +28,7 @@ from training.metrics import PatientMetrics, count_group, evaluate_patient, summ
 from training.splits import read_splits
 from training.trainer import load_cases
 
-__all__ = ["evaluate_model", "markdown_table", "write_model_card_figures"]
+__all__ = ["evaluate_model", "markdown_table", "plot_training_curves", "write_model_card_figures"]
 
 #: The method spec's published figures (study 2, real multicentre data; mean +/- SD), as rows of the same table.
 PUBLISHED_ROWS = (
@@ -107,9 +107,36 @@ def _groups_table(name: str, s: dict[str, Any]) -> str:
     return markdown_table(rows)
 
 
+def plot_training_curves(runs: dict[str, Path], png: Path) -> Path:
+    """Training loss, validation loss and validation Dice at 0.5 per epoch of each run's ``metrics.csv``."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, csv_path in runs.items():
+        rows = list(csv.DictReader(csv_path.open()))
+        epochs = [int(r["epoch"]) for r in rows]
+        for ax, key in zip(axes, ("train_loss", "val_loss", "val_dice")):
+            ax.plot(epochs, [float(r[key]) for r in rows], marker="o", label=label)
+    for ax, title in zip(axes, ("training loss", "validation loss", "validation Dice at 0.5 (64 slices)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
 def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: Path | None, out: Path, *,
-                             progress: bool = True) -> str:
-    """Evaluate on the test split of ``cfg`` and write ``<out>.json`` and ``<out>.md``; returns the markdown."""
+                             progress: bool = True, baseline_cfg: TrainConfig | None = None) -> str:
+    """Evaluate on the test split of ``cfg`` and write ``<out>.json``, ``<out>.md`` and, from the runs'
+    ``metrics.csv``, ``<out>-training.png``; returns the markdown."""
     cases = load_cases(cfg, progress=progress)
     test_ids = read_splits(cfg.output.dir / "splits.json")["test"]
     if not test_ids:
@@ -153,6 +180,11 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
     for label, r in results.items():
         md.append(f"{r['model_name']}: threshold {r['threshold']:.3f}; evaluation {r['seconds']:.0f} s for "
                   f"{r['slices']} slices ({1000 * r['seconds'] / max(r['slices'], 1):.1f} ms/slice incl. metrics).\n")
+    runs = {c.model.name: c.output.dir / "metrics.csv" for c in (cfg, baseline_cfg) if c is not None}
+    runs = {k: v for k, v in runs.items() if v.is_file()}
+    if runs:
+        png = plot_training_curves(runs, out.with_name(out.name + "-training.png"))
+        md.append(f"![training curves]({png.name})\n")
     text = "\n".join(md)
     out.with_suffix(".md").write_text(text)
     return text

@@ -140,7 +140,9 @@ def model_card(
     model: Path = typer.Option(..., "--model", "-m", exists=True, dir_okay=False, help="The ILD checkpoint."),
     baseline: Path = typer.Option(None, "--baseline", exists=True, dir_okay=False,
                                   help="A baseline checkpoint reported beside it (same test cases)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output stem: writes OUT.json and OUT.md."),
+    baseline_config: Path = typer.Option(None, "--baseline-config", exists=True, dir_okay=False,
+                                         help="The baseline's training YAML (its metrics.csv joins the curves)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output stem: writes OUT.json, OUT.md, OUT-training.png."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
     """Evaluate a model (and a baseline) on the held-out test split, every role combination, and write the
@@ -151,7 +153,8 @@ def model_card(
     from training.model_card import write_model_card_figures
 
     try:
-        text = write_model_card_figures(cfg, model, baseline, out, progress=not no_progress)
+        text = write_model_card_figures(cfg, model, baseline, out, progress=not no_progress,
+                                        baseline_cfg=_load_train_config(baseline_config) if baseline_config else None)
     except (CaseError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise fail(str(exc)) from None
     typer.echo(text)
