@@ -36,6 +36,7 @@ from pipeline.model import ROLE_ORDER, ILDDeepLabV3, ModelConfig, combination_ke
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "METADATA_KEY",
+    "THRESHOLD_RULES",
     "VALIDATION_METRICS",
     "CheckpointError",
     "CheckpointMeta",
@@ -48,6 +49,8 @@ CHECKPOINT_FORMAT_VERSION = 1
 METADATA_KEY = "ild_checkpoint"
 #: Allowed keys of each per-combination validation entry.
 VALIDATION_METRICS: tuple[str, ...] = ("auc", "dice", "lesion_sensitivity")
+#: Ways the operating threshold may have been chosen (``CheckpointMeta.threshold_rule``).
+THRESHOLD_RULES: tuple[str, ...] = ("youden", "max-dice")
 
 
 class CheckpointError(ValueError):
@@ -87,6 +90,8 @@ class CheckpointMeta:
     through_plane_mm: float = 1.0
     validation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     created_utc: str = field(default_factory=_utc_now)
+    #: how ``threshold`` was chosen on the validation voxels: "youden" (the method) or "max-dice"
+    threshold_rule: str = "youden"
 
     def __post_init__(self) -> None:
         # raises ValueError naming the field; load_checkpoint turns it into a CheckpointError
@@ -107,6 +112,8 @@ class CheckpointMeta:
             raise _FieldError("through_plane_mm", f"must be a positive number, got {mm!r}")
         object.__setattr__(self, "through_plane_mm", float(mm))
         object.__setattr__(self, "validation", _check_validation(self.validation))
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise _FieldError("threshold_rule", f"must be one of {list(THRESHOLD_RULES)}, got {self.threshold_rule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

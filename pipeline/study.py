@@ -145,6 +145,7 @@ class StudyResult:
                 "through_plane_mm": self.meta.through_plane_mm,
             },
             "threshold": self.lesions.threshold,
+            "threshold_rule": self.meta.threshold_rule,
             "expected_performance": self.expected_performance(),
             "inference": {
                 "device": self.inference.device, "threads": self.inference.threads,

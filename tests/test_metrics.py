@@ -25,6 +25,7 @@ from training.metrics import (
     count_group,
     evaluate_patient,
     label_lesions,
+    max_dice_threshold,
     lesion_detection,
     lesion_sensitivity,
     roc_auc,
@@ -151,6 +152,32 @@ def test_youden_equals_bruteforce_over_sklearn_curve(seed):
     assert thr == sk_thr[k]
     assert sens == sk_tpr[k]
     assert spec == pytest.approx(1 - sk_fpr[k], abs=1e-15)
+
+
+def test_max_dice_threshold_hand_computed_and_bruteforce():
+    # scores 0.9 (pos), 0.8 (pos), 0.7 (neg), 0.6 (pos), 0.1 (neg) x 95: P = 3.
+    # >= 0.9: Dice 2/(1+0+3)=0.5; >= 0.8: 4/5=0.8; >= 0.7: 4/6; >= 0.6: 6/7=0.857 (max); >= 0.1: 6/101.
+    # Youden picks 0.6 as well here; with 1000 negatives just below a 4th positive it would not (next check).
+    scores = np.array([0.9, 0.8, 0.7, 0.6] + [0.1] * 95)
+    labels = np.array([1, 1, 0, 1] + [0] * 95, dtype=bool)
+    thr, sens, spec = max_dice_threshold(scores, labels)
+    assert (thr, sens, spec) == (0.6, 1.0, 95 / 96)
+    # positives 0.9, 0.8, 0.6, 0.15; negatives 0.7, 0.3 x 30, 0.1 x 1000 (P = 4, N = 1031):
+    # >= 0.6: TP 3, FP 1 -> J = 0.75 - 1/1031 = 0.749, Dice 6/8 = 0.75 (max Dice);
+    # >= 0.15: TP 4, FP 31 -> J = 1 - 31/1031 = 0.970 (max J), Dice 8/39 = 0.205: Youden buys the 4th lesion
+    # voxel with 30 false ones, Dice does not.
+    scores = np.array([0.9, 0.8, 0.6, 0.15, 0.7] + [0.3] * 30 + [0.1] * 1000)
+    labels = np.array([1, 1, 1, 1] + [0] * 1031, dtype=bool)
+    assert max_dice_threshold(scores, labels) == (0.6, 0.75, 1030 / 1031)
+    assert youden_threshold(scores, labels)[0] == 0.15
+    rng = np.random.default_rng(3)
+    labels = rng.random(5000) < 0.02
+    scores = (np.round((rng.random(5000) + 0.6 * labels) * 40) / 64).astype(np.float32)
+    fpr, tpr, thr_all = _sk_roc(scores, labels)
+    p, n = labels.sum(), (~labels).sum()
+    tp, fp = tpr * p, fpr * n
+    k = int(np.argmax((2 * tp / (tp + fp + p))[1:])) + 1
+    assert max_dice_threshold(scores, labels)[0] == thr_all[k]
 
 
 # ---------------------------------------------------------------- voxel ratios

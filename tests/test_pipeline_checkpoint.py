@@ -146,6 +146,7 @@ def test_save_rejects_validation_for_roles_the_model_lacks(tmp_path):
         (dict(validation={"flair": {"hd95": 3.0}}), "validation"),
         (dict(validation={"flair": {"dice": 1.5}}), "validation"),
         (dict(through_plane_mm=0), "through_plane_mm"),
+        (dict(threshold_rule="otsu"), "threshold_rule"),
     ],
 )
 def test_meta_validates_fields(kw, field):

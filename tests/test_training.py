@@ -33,7 +33,7 @@ from training.config import DataSection, SourceEntry, TrainConfig
 from training.data.cache import cache_case
 from training.data.nifti import nifti_sources
 from training.loss import segmentation_loss
-from training.metrics import count_group, youden_threshold
+from training.metrics import count_group, max_dice_threshold, youden_threshold
 from training.phantom import generate_study
 from training.phantom.dicom_writer import write_dicom_study
 from training.phantom.nifti_writer import write_nifti_study
@@ -461,6 +461,25 @@ def test_calibrate_on_a_folder(trained, phantom_root, cache_dir, tmp_path) -> No
     expected, _, _ = youden_threshold(np.concatenate(scores), np.concatenate(labels))
     assert meta.threshold == pytest.approx(expected, rel=1e-6)
     assert f"on {len(scores)} case(s)" in r.output
+
+
+def test_calibrate_max_dice_rule(trained, phantom_root, cache_dir, tmp_path) -> None:
+    new = tmp_path / "dice.safetensors"
+    r = invoke("calibrate", trained["checkpoint"], "--data", phantom_root, "--cache", cache_dir, "--out", new,
+               "--rule", "max-dice", "--no-progress")
+    assert r.exit_code == 0, r.output
+    model, meta = load_checkpoint(new)
+    assert meta.threshold_rule == "max-dice"
+    scores, labels = [], []
+    for case in load_cases(trained["config"], progress=False).values():
+        prob = predict_case(model, case, ALL_ROLES)
+        brain = np.asarray(case.brain) > 0
+        scores.append(prob[brain])
+        labels.append(np.asarray(case.label)[brain] > 0)
+    expected, _, _ = max_dice_threshold(np.concatenate(scores), np.concatenate(labels))
+    assert meta.threshold == pytest.approx(expected, rel=1e-6)
+    assert invoke("calibrate", trained["checkpoint"], "--data", phantom_root, "--out", tmp_path / "x.safetensors",
+                  "--rule", "otsu").exit_code == 2
 
 
 def test_calibrate_needs_exactly_one_source(trained, phantom_root, tmp_path) -> None:

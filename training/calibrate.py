@@ -2,7 +2,9 @@
 
 * Threshold: the maximum Youden index (sensitivity + specificity - 1) of the voxel-wise ROC pooled over the
   validation cases, inside their brain masks, with every role the model takes present (the method spec; the
-  paper's ILD threshold was 0.76). Predicted positive means ``probability >= threshold``.
+  paper's ILD threshold was 0.76). Predicted positive means ``probability >= threshold``. ``rule="max-dice"``
+  takes the threshold of maximum pooled Dice on the same voxels instead (see ``docs/training.md``: with
+  ~1000 background voxels per lesion voxel the Youden point can sit at a very low probability).
 * For each of the model's role combinations (15 for the four-role ILD model; one for a baseline), at that
   threshold: mean per-patient voxel AUC (in the brain mask) and Dice, and the pooled lesion sensitivity (GT
   lesions hit / GT lesions, 26-connected). These go into the checkpoint (``CheckpointMeta.validation``) so that
@@ -29,7 +31,9 @@ from pipeline.inference import predict_probability
 from pipeline.model import ILDDeepLabV3, combination_key
 from pipeline.preprocess import NORMALISATION_NAME, NORMALISATION_VERSION
 from training.data.cache import CachedCase, GridSettings
-from training.metrics import PatientMetrics, evaluate_patient, summarise, youden_threshold
+from training.metrics import PatientMetrics, evaluate_patient, max_dice_threshold, summarise, youden_threshold
+
+_RULES = {"youden": youden_threshold, "max-dice": max_dice_threshold}
 
 __all__ = ["Calibration", "calibrate", "calibrate_and_save", "combinations", "evaluate_cases", "model_combinations",
            "predict_case"]
@@ -62,6 +66,7 @@ class Calibration:
     sensitivity: float
     specificity: float
     per_combination: dict[str, list[PatientMetrics]]
+    rule: str = "youden"
 
     def validation_table(self) -> dict[str, dict[str, float]]:
         """``CheckpointMeta.validation``: per combination mean AUC, mean Dice and pooled lesion sensitivity."""
@@ -87,8 +92,11 @@ def evaluate_cases(model: ILDDeepLabV3, cases: Sequence[CachedCase], threshold: 
 
 
 def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch.device | str = "cpu",
-              progress: bool = True) -> Calibration:
-    """Threshold and per-combination figures on ``cases`` (validation); see the module doc."""
+              progress: bool = True, rule: str = "youden") -> Calibration:
+    """Threshold and per-combination figures on ``cases`` (validation); see the module doc. ``rule``: "youden"
+    (the method) or "max-dice" (the threshold of maximum pooled Dice on the same voxels)."""
+    if rule not in _RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {sorted(_RULES)}")
     roles = tuple(model.config.roles)
     full = [c for c in cases if all(c.volumes.get(r) is not None for r in roles)]
     if not full:
@@ -99,35 +107,36 @@ def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch
         brain = np.asarray(case.brain) > 0
         scores.append(prob[brain])
         labels.append(np.asarray(case.label)[brain] > 0)
-    threshold, sens, spec = youden_threshold(np.concatenate(scores), np.concatenate(labels))
+    threshold, sens, spec = _RULES[rule](np.concatenate(scores), np.concatenate(labels))
     del scores, labels
     per: dict[str, list[PatientMetrics]] = {}
     for key, metrics, _ in evaluate_cases(model, cases, threshold, model_combinations(model), device=device,
                                           progress=progress, desc="combinations"):
         per.setdefault(key, []).append(metrics)
     return Calibration(threshold=float(threshold), sensitivity=float(sens), specificity=float(spec),
-                       per_combination=per)
+                       per_combination=per, rule=rule)
 
 
 def calibrate_and_save(model: ILDDeepLabV3, cases: Sequence[CachedCase], path: Path, *, name: str, version: str,
                        training_data: str, run_uid: str | None = None, grid: GridSettings = GridSettings(),
-                       report_path: Path | None = None,
-                       device: torch.device | str = "cpu", progress: bool = True) -> CheckpointMeta:
-    """:func:`calibrate`, then write the checkpoint (threshold and validation table in its metadata) and,
-    when ``report_path`` is given; ``grid`` is the model grid the cases were prepared on, a JSON report with every patient's figures."""
-    cal = calibrate(model, cases, device=device, progress=progress)
+                       report_path: Path | None = None, device: torch.device | str = "cpu", progress: bool = True,
+                       rule: str = "youden") -> CheckpointMeta:
+    """:func:`calibrate`, then write the checkpoint (threshold, its rule and the validation table in its metadata)
+    and, when ``report_path`` is given, a JSON report with every patient's figures. ``grid`` is the model grid the
+    cases were prepared on (recorded in the checkpoint)."""
+    cal = calibrate(model, cases, device=device, progress=progress, rule=rule)
     # the threshold must lie strictly inside (0, 1) for the checkpoint (a degenerate model could give 1.0)
     threshold = float(np.clip(cal.threshold, 1e-6, 1 - 1e-6))
     meta = CheckpointMeta(model_name=name, model_version=version, threshold=threshold,
                           normalisation=NORMALISATION_NAME, normalisation_version=NORMALISATION_VERSION,
                           training_data=training_data, validation=cal.validation_table(),
                           training_run_uid=run_uid or str(generate_uid()), in_plane_size=grid.size,
-                          through_plane_mm=grid.through_plane_mm)
+                          through_plane_mm=grid.through_plane_mm, threshold_rule=rule)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model.to("cpu"), meta)
     if report_path is not None:
-        report = {"threshold": threshold, "youden_sensitivity": cal.sensitivity,
-                  "youden_specificity": cal.specificity, "validation": cal.validation_table(),
+        report = {"threshold": threshold, "threshold_rule": rule, "sensitivity": cal.sensitivity,
+                  "specificity": cal.specificity, "validation": cal.validation_table(),
                   "patients": {k: [m.to_dict() for m in v] for k, v in cal.per_combination.items()},
                   "summary": {k: summarise(v) for k, v in cal.per_combination.items()}}
         report_path.write_text(json.dumps(report, indent=1, default=float))

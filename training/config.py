@@ -86,6 +86,8 @@ class RecipeSection(_Section):
     threads: int | None = Field(default=None, ge=1)
     #: validation slices scored after every epoch (loss, Dice at 0.5) for the metrics log
     monitor_slices: int = Field(default=64, ge=0)
+    #: how calibration picks the operating threshold on the validation voxels (youden = the method)
+    threshold_rule: Literal["youden", "max-dice"] = "youden"
 
 
 class OutputSection(_Section):

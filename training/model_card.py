@@ -178,7 +178,7 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
         md.append("### The same predictions at other thresholds (not the model's operating point)\n\n"
                   + markdown_table(thr_rows))
     for label, r in results.items():
-        md.append(f"{r['model_name']}: threshold {r['threshold']:.3f}; evaluation {r['seconds']:.0f} s for "
+        md.append(f"{r['model_name']}: threshold {r['threshold']:.3g}; evaluation {r['seconds']:.0f} s for "
                   f"{r['slices']} slices ({1000 * r['seconds'] / max(r['slices'], 1):.1f} ms/slice incl. metrics).\n")
     runs = {c.model.name: c.output.dir / "metrics.csv" for c in (cfg, baseline_cfg) if c is not None}
     runs = {k: v for k, v in runs.items() if v.is_file()}

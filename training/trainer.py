@@ -300,7 +300,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
         calibrate_and_save(model, val_cases, config.output.checkpoint, name=config.model.name,
                            version=config.model.version, training_data=describe_sources(config),
                            run_uid=run_uid, grid=grid_settings(config), report_path=out / "calibration.json", device=device,
-                           progress=progress)
+                           progress=progress, rule=rcp.threshold_rule)
     if env.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
