@@ -36,7 +36,7 @@ from training.metrics import PatientMetrics, evaluate_patient, max_dice_threshol
 _RULES = {"youden": youden_threshold, "max-dice": max_dice_threshold}
 
 __all__ = ["Calibration", "calibrate", "calibrate_and_save", "combinations", "evaluate_cases", "model_combinations",
-           "predict_case"]
+           "pooled_threshold", "predict_case"]
 
 
 def combinations(roles: Sequence[str]) -> list[tuple[str, ...]]:
@@ -91,12 +91,10 @@ def evaluate_cases(model: ILDDeepLabV3, cases: Sequence[CachedCase], threshold: 
                                                        case.spacing_mm, threshold, case_id=case.case_id), prob
 
 
-def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch.device | str = "cpu",
-              progress: bool = True, rule: str = "youden") -> Calibration:
-    """Threshold and per-combination figures on ``cases`` (validation); see the module doc. ``rule``: "youden"
-    (the method) or "max-dice" (the threshold of maximum pooled Dice on the same voxels)."""
-    if rule not in _RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {sorted(_RULES)}")
+def pooled_threshold(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, rule: str = "youden",
+                     device: torch.device | str = "cpu", progress: bool = True) -> tuple[float, float, float]:
+    """(threshold, sensitivity, specificity) of ``rule`` on the brain-mask voxels of ``cases`` pooled, predicted
+    with every role the model takes (cases lacking one are left out)."""
     roles = tuple(model.config.roles)
     full = [c for c in cases if all(c.volumes.get(r) is not None for r in roles)]
     if not full:
@@ -107,8 +105,16 @@ def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch
         brain = np.asarray(case.brain) > 0
         scores.append(prob[brain])
         labels.append(np.asarray(case.label)[brain] > 0)
-    threshold, sens, spec = _RULES[rule](np.concatenate(scores), np.concatenate(labels))
-    del scores, labels
+    return _RULES[rule](np.concatenate(scores), np.concatenate(labels))
+
+
+def calibrate(model: ILDDeepLabV3, cases: Sequence[CachedCase], *, device: torch.device | str = "cpu",
+              progress: bool = True, rule: str = "youden") -> Calibration:
+    """Threshold and per-combination figures on ``cases`` (validation); see the module doc. ``rule``: "youden"
+    (the method) or "max-dice" (the threshold of maximum pooled Dice on the same voxels)."""
+    if rule not in _RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {sorted(_RULES)}")
+    threshold, sens, spec = pooled_threshold(model, cases, rule=rule, device=device, progress=progress)
     per: dict[str, list[PatientMetrics]] = {}
     for key, metrics, _ in evaluate_cases(model, cases, threshold, model_combinations(model), device=device,
                                           progress=progress, desc="combinations"):

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.checkpoint import CheckpointMeta, load_checkpoint
 from pipeline.model import ILDDeepLabV3, combination_key
-from training.calibrate import evaluate_cases, model_combinations
+from training.calibrate import evaluate_cases, model_combinations, pooled_threshold
 from training.data.cache import CachedCase
 from training.config import TrainConfig
 from training.metrics import PatientMetrics, count_group, evaluate_patient, summarise
@@ -47,15 +47,14 @@ def short_name(key: str) -> str:
 
 
 #: The paper's test condition (no BRAVO) and the full set: also scored at other thresholds, to show how much
-#: of the overlap and false-positive figures is the Youden rule's choice rather than the ranking (AUC).
+#: of the overlap and false-positive figures is the threshold rule's choice rather than the ranking (AUC).
 _THRESHOLD_STUDY = ("t1_cube_pre+t1_cube_post+flair", "t1_bravo_post+t1_cube_pre+t1_cube_post+flair")
-OTHER_THRESHOLDS = (0.5, 0.9)
 
 
 def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[CachedCase], *,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, other_thresholds: Sequence[float] = (0.5,)) -> dict[str, Any]:
     """Per combination: the patients' metrics and their summary at the checkpoint's threshold; for the no-BRAVO
-    and four-role combinations also at :data:`OTHER_THRESHOLDS` (same predictions)."""
+    and four-role combinations also at ``other_thresholds`` (same predictions)."""
     per: dict[str, list[PatientMetrics]] = {}
     other: dict[str, dict[float, list[PatientMetrics]]] = {}
     t0 = time.perf_counter()
@@ -66,7 +65,7 @@ def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[Ca
         n_slices += prob.shape[0]
         if key in _THRESHOLD_STUDY:
             case = next(c for c in cases if c.case_id == m.case_id)
-            for t in OTHER_THRESHOLDS:
+            for t in other_thresholds:
                 other.setdefault(key, {}).setdefault(t, []).append(evaluate_patient(
                     prob, np.asarray(case.label) > 0, np.asarray(case.brain) > 0, case.spacing_mm, t,
                     case_id=case.case_id))
@@ -150,7 +149,11 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
         if (meta.in_plane_size, meta.through_plane_mm) != (cfg.model.in_plane_size, cfg.model.through_plane_mm):
             raise ValueError(f"{path}: trained on a {meta.in_plane_size} px / {meta.through_plane_mm} mm grid, the "
                              f"config prepares {cfg.model.in_plane_size} px / {cfg.model.through_plane_mm} mm")
-        results[label] = evaluate_model(model, meta, test, progress=progress)
+        # the validation split's max-Dice threshold (the other rule of dicom-node calibrate), for comparison
+        validation = [cases[c] for c in read_splits(cfg.output.dir / "splits.json")["validation"]]
+        t_dice = pooled_threshold(model, validation, rule="max-dice", progress=progress)[0]
+        results[label] = evaluate_model(model, meta, test, progress=progress, other_thresholds=(t_dice, 0.5))
+        results[label]["validation_max_dice_threshold"] = t_dice
     doc = {"test_cases": test_ids, "lesion_counts": {c: cases[c].n_lesions for c in test_ids}, **results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=float))
@@ -172,11 +175,12 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
     md.append("### ILD model, every role combination\n\n" + markdown_table(
         [(short_name(k), v["summary"]) for k, v in ild["combinations"].items()]))
     md.append("### By number of lesions (BRAVO missing)\n\n" + _groups_table(ild["model_name"], ild["combinations"][no_bravo]["summary"]))
-    thr_rows = [(f"{r['model_name']}, {short_name(k)}, threshold {t}", d[t])
+    thr_rows = [(f"{r['model_name']}, {short_name(k)}, threshold {float(t):.3g}", d[t])
                 for r in results.values() for k, d in r["other_thresholds"].items() for t in d]
     if thr_rows:
         md.append("### The same predictions at other thresholds (not the model's operating point)\n\n"
-                  + markdown_table(thr_rows))
+                  + "The first of each pair is the threshold of maximum pooled Dice on the validation split "
+                    "(`dicom-node calibrate --rule max-dice`), the second 0.5.\n\n" + markdown_table(thr_rows))
     for label, r in results.items():
         md.append(f"{r['model_name']}: threshold {r['threshold']:.3g}; evaluation {r['seconds']:.0f} s for "
                   f"{r['slices']} slices ({1000 * r['seconds'] / max(r['slices'], 1):.1f} ms/slice incl. metrics).\n")
