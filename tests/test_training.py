@@ -452,15 +452,21 @@ def test_calibrate_on_a_folder(trained, phantom_root, cache_dir, tmp_path) -> No
     assert (meta.model_name, meta.model_version, meta.in_plane_size) == (old.model_name, old.model_version, 64)
     assert set(meta.validation) == set(old.validation)
     # the threshold, independently: the Youden point of the pooled brain-mask voxels of all four cases
+    scores, labels = _pooled_brain_voxels(model, trained)
+    expected, _, _ = youden_threshold(scores, labels)
+    assert meta.threshold == pytest.approx(expected, rel=1e-6)
+    assert f"on {len(load_cases(trained['config'], progress=False))} case(s)" in r.output
+
+
+def _pooled_brain_voxels(model, trained) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels of every case's brain-mask voxels, all roles given (computed here, not by calibrate)."""
     scores, labels = [], []
     for case in load_cases(trained["config"], progress=False).values():
         prob = predict_case(model, case, ALL_ROLES)
         brain = np.asarray(case.brain) > 0
         scores.append(prob[brain])
         labels.append(np.asarray(case.label)[brain] > 0)
-    expected, _, _ = youden_threshold(np.concatenate(scores), np.concatenate(labels))
-    assert meta.threshold == pytest.approx(expected, rel=1e-6)
-    assert f"on {len(scores)} case(s)" in r.output
+    return np.concatenate(scores), np.concatenate(labels)
 
 
 def test_calibrate_max_dice_rule(trained, phantom_root, cache_dir, tmp_path) -> None:
@@ -470,13 +476,7 @@ def test_calibrate_max_dice_rule(trained, phantom_root, cache_dir, tmp_path) -> 
     assert r.exit_code == 0, r.output
     model, meta = load_checkpoint(new)
     assert meta.threshold_rule == "max-dice"
-    scores, labels = [], []
-    for case in load_cases(trained["config"], progress=False).values():
-        prob = predict_case(model, case, ALL_ROLES)
-        brain = np.asarray(case.brain) > 0
-        scores.append(prob[brain])
-        labels.append(np.asarray(case.label)[brain] > 0)
-    expected, _, _ = max_dice_threshold(np.concatenate(scores), np.concatenate(labels))
+    expected, _, _ = max_dice_threshold(*_pooled_brain_voxels(model, trained))
     assert meta.threshold == pytest.approx(expected, rel=1e-6)
     assert invoke("calibrate", trained["checkpoint"], "--data", phantom_root, "--out", tmp_path / "x.safetensors",
                   "--rule", "otsu").exit_code == 2
