@@ -32,9 +32,9 @@ __all__ = ["evaluate_model", "markdown_table", "plot_training_curves", "write_mo
 
 #: The method spec's published figures (study 2, real multicentre data; mean +/- SD), as rows of the same table.
 PUBLISHED_ROWS = (
-    "| *paper: study 2 ILD, test site missing BRAVO (real data)* | 55 | 0.989 +/- 0.029 | 0.795 +/- 0.105 | "
+    "| *paper: study 2 ILD, test site missing BRAVO (real data)* | | 0.989 +/- 0.029 | 0.795 +/- 0.105 | "
     "0.561 +/- 0.225 | 0.671 | 0.790 | 12.3 | 3.6 | | |\n"
-    "| *paper: study 2 DeepLab V3 baseline (real data)* | 55 | 0.989 +/- 0.023 | 0.774 +/- 0.104 | "
+    "| *paper: study 2 DeepLab V3 baseline (real data)* | | 0.989 +/- 0.023 | 0.774 +/- 0.104 | "
     "0.492 +/- 0.186 | 0.631 | 0.722 | 26.3 | 7.0 | | |\n"
 )
 
