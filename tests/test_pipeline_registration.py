@@ -191,9 +191,13 @@ def test_registration_is_deterministic(study) -> None:
     settings = FAST
     a = register(fixed, s.series_of(SeriesKind.FLAIR).image, "flair", settings=settings)
     b = register(fixed, s.series_of(SeriesKind.FLAIR).image, "flair", settings=settings)
-    # same samples (fixed seed): equal up to floating-point summation order
-    assert np.allclose(a.transform.GetParameters(), b.transform.GetParameters(), rtol=0, atol=1e-9)
-    assert a.metric_final == pytest.approx(b.metric_final, abs=1e-9)
+    # Same samples (fixed seed), but ITK splits the metric over threads and the summation order changes with the
+    # threads it gets on a loaded machine, which nudges the optimiser's path (seen: 2e-3 mm, 5e-5 rad): the two
+    # results must agree far below a voxel (0.01 mm, 1e-3 rad), not bit for bit.
+    pa, pb = np.asarray(a.transform.GetParameters()), np.asarray(b.transform.GetParameters())
+    assert np.allclose(pa[:3], pb[:3], rtol=0, atol=1e-3)  # Euler angles, rad
+    assert np.allclose(pa[3:], pb[3:], rtol=0, atol=1e-2)  # translation, mm
+    assert a.metric_final == pytest.approx(b.metric_final, abs=1e-3)
 
 
 def test_register_study_gives_identity_for_the_reference(study) -> None:
