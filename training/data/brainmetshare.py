@@ -35,7 +35,7 @@ from PIL import Image
 
 from pipeline.roles import choose_reference
 from training.data.cache import CaseSource, file_fingerprint
-from training.data.case import Case, CaseError
+from training.data.case import Case, CaseError, find_case_folders
 
 __all__ = ["DEFAULT_SPACING_MM", "FOLDERS", "brainmetshare_sources", "find_brainmetshare_cases",
            "load_brainmetshare_case"]
@@ -55,12 +55,7 @@ def _is_case(folder: Path) -> bool:
 
 def find_brainmetshare_cases(root: str | Path) -> list[Path]:
     """The case folders directly under ``root`` (or ``root`` itself when it is one), sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CaseError(f"{root}: not a folder")
-    if _is_case(root):
-        return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and _is_case(p))
+    return find_case_folders(root, _is_case)
 
 
 def _slices(folder: Path, case_id: str) -> list[Path]:

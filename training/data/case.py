@@ -9,13 +9,15 @@ exactly as :func:`pipeline.preprocess.prepare_study` expects. Coordinates are LP
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import SimpleITK as sitk
 
 from pipeline.roles import ROLES
 
-__all__ = ["Case", "CaseError", "check_case_id"]
+__all__ = ["Case", "CaseError", "check_case_id", "find_case_folders"]
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -29,6 +31,16 @@ def check_case_id(case_id: str) -> str:
     if not _CASE_ID.match(case_id or ""):
         raise CaseError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-' (at most 128 characters)")
     return case_id
+
+
+def find_case_folders(root: str | Path, is_case: Callable[[Path], bool]) -> list[Path]:
+    """The case folders directly under ``root`` (or ``root`` itself when it is one), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CaseError(f"{root}: not a folder")
+    if is_case(root):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_case(p))
 
 
 @dataclass

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from pipeline.roles import ROLES, choose_reference
 from training.data.cache import CaseSource, file_fingerprint
-from training.data.case import Case, CaseError
+from training.data.case import Case, CaseError, find_case_folders
 
 __all__ = ["find_image", "find_nifti_cases", "is_nifti_case", "load_nifti_case", "nifti_sources",
            "read_image"]
@@ -41,12 +41,7 @@ def is_nifti_case(folder: Path) -> bool:
 
 def find_nifti_cases(root: str | Path) -> list[Path]:
     """The case folders directly under ``root`` (or ``root`` itself when it is one), sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CaseError(f"{root}: not a folder")
-    if is_nifti_case(root):
-        return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and is_nifti_case(p))
+    return find_case_folders(root, is_nifti_case)
 
 
 def read_image(path: Path, case_id: str) -> sitk.Image:
