@@ -15,7 +15,7 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -54,19 +54,61 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+class AllowedCaller(_Section):
+    """One peer allowed to open associations: its calling AE title, and optionally its IP address."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_ip(value)
+        return value
+
+
+class TlsSection(_Section):
+    """DICOM TLS for the listener (and for sending, when a destination sets ``tls: true``)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSection:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("tls.require_client_certificate needs tls.ca_certificates")
+        return self
+
+
+def _check_ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("expected an IPv4 or IPv6 address such as 0.0.0.0 or 127.0.0.1") from None
+    return value
+
+
 class NodeSection(_Section):
     ae_title: AETitle = "ILD_NODE"
     port: Port = 11112
     bind_address: str = "0.0.0.0"
+    allowed_callers: list[AllowedCaller] = []
+    tls: TlsSection = TlsSection()
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_associations: int = Field(default=16, ge=1)
 
     @field_validator("bind_address")
     @classmethod
     def _ip(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError("expected an IPv4 or IPv6 address such as 0.0.0.0 or 127.0.0.1") from None
-        return value
+        return _check_ip(value)
 
 
 class StorageSection(_Section):
@@ -90,6 +132,21 @@ class CompletionSection(_Section):
     study_quiet_seconds: float = Field(default=60.0, gt=0)
     max_wait_seconds: float = Field(default=1800.0, gt=0)
     start_when_roles_complete: bool = True
+    late_instances: Literal["reprocess", "ignore"] = "reprocess"
+
+
+class QueueSection(_Section):
+    max_attempts: int = Field(default=3, ge=1)
+    lease_seconds: float = Field(default=300.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+
+class SendSection(_Section):
+    retry_initial_seconds: float = Field(default=10.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    max_attempts: int = Field(default=50, ge=1)
+    timeout_seconds: float = Field(default=30.0, gt=0)
 
 
 class Destination(_Section):
@@ -97,6 +154,7 @@ class Destination(_Section):
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    tls: bool = False
 
 
 class ModelSection(_Section):
@@ -134,7 +192,9 @@ class NodeConfig(_Section):
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()
     completion: CompletionSection = CompletionSection()
+    queue: QueueSection = QueueSection()
     destinations: list[Destination] = []
+    send: SendSection = SendSection()
     model: ModelSection = ModelSection()
     web: WebSection = WebSection()
     rules: Path = Path("series_rules.yaml")
@@ -162,6 +222,9 @@ class NodeConfig(_Section):
         return self.model_copy(
             update={
                 "storage": self.storage.model_copy(update={"root": absolute(self.storage.root)}),
+                "node": self.node.model_copy(update={"tls": self.node.tls.model_copy(update={
+                    k: absolute(v) for k in ("certificate", "private_key", "ca_certificates")
+                    if (v := getattr(self.node.tls, k)) is not None})}),
                 "database": self.database.model_copy(update={"url": url}),
                 "model": self.model.model_copy(update={"path": absolute(self.model.path)}),
                 "rules": absolute(self.rules),
