@@ -227,13 +227,33 @@ def _read_instance(path: str) -> InstanceHeader | None:
         # A forced parse of random bytes "succeeds" with garbage; require the basic identity.
         log.debug("skip %s: no DICM preamble and no SOPClassUID", path)
         return None
+    try:
+        return instance_header_from_dataset(ds, path)
+    except MalformedHeaderError as exc:
+        # Malformed values inside an otherwise valid file: skip it rather than abort a whole scan.
+        log.warning("skip %s: %s", path, exc)
+    except ValueError as exc:
+        log.debug("skip %s: %s", path, exc)
+    return None
+
+
+class MalformedHeaderError(ValueError):
+    """A header whose values cannot be read into features (raised by :func:`instance_header_from_dataset`)."""
+
+
+def instance_header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
+    """Build the :class:`InstanceHeader` of an already-read dataset (pixel data not needed).
+
+    ``path`` is recorded as the instance's path and source. Raises ``ValueError`` with a short
+    reason when the dataset cannot be used as an instance: a DICOMDIR, no SeriesInstanceUID, or
+    (:class:`MalformedHeaderError`) values that cannot be read into features.
+    """
+    sop_class = str(ds.get("SOPClassUID", "") or "")
     if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
-        log.debug("skip %s: DICOMDIR", path)
-        return None
+        raise ValueError("DICOMDIR")
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not series_uid:
-        log.debug("skip %s: no SeriesInstanceUID", path)
-        return None
+        raise ValueError("no SeriesInstanceUID")
     try:
         geometry = _instance_geometry(ds)
         n_slices, parallel = _stack_properties(geometry.positions, geometry.orientations)
@@ -247,9 +267,7 @@ def _read_instance(path: str) -> InstanceHeader | None:
             source=(path,),
         )
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        # Malformed values inside an otherwise valid file: skip it rather than abort a whole scan.
-        log.warning("skip %s: malformed header (%s: %s)", path, type(exc).__name__, exc)
-        return None
+        raise MalformedHeaderError(f"malformed header ({type(exc).__name__}: {exc})") from exc
     return InstanceHeader(
         path=path,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),

@@ -11,13 +11,21 @@ from pathlib import Path
 import typer
 
 from dicom_node import __version__
-from dicom_node.cli.exits import EXIT_NOT_BUILT, EXIT_USAGE, fail
+from dicom_node.cli.network import echo, send
+from dicom_node.cli.node import (
+    ConfigOption,
+    load_or_exit,
+    purge,
+    reprocess,
+    resend,
+    serve,
+    status,
+)
 from dicom_node.cli.phantom import phantom
 from dicom_node.cli.rules import app as rules_app
 from dicom_node.cli.segment import segment
 from dicom_node.cli.train import calibrate, model_card, train
-from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config, to_yaml
-from dicom_node.paths import DEFAULT_CONFIG
+from dicom_node.config import to_yaml
 
 app = typer.Typer(
     name="dicom-node",
@@ -37,22 +45,16 @@ app.command(
 app.command("train", help="Train a model (ILD or baseline) with the method's recipe and calibrate it.")(train)
 app.command("calibrate", help="Choose a model's threshold on validation cases; store per-combination figures.")(calibrate)
 app.command("model-card", help="Test-set figures of a model (and a baseline) for its model card.")(model_card)
+app.command("serve", help="Run the node: receive studies over DICOM, process them, send SEG + SR back "
+            "(until SIGTERM).")(serve)
+app.command("status", help="Show the queue and recent studies: state, roles, lesion counts, deliveries, errors.")(status)
+app.command("reprocess", help="Queue a new version of a study's case (roles assigned again).")(reprocess)
+app.command("resend", help="Send a study's latest SEG and SR again to every destination.")(resend)
+app.command("purge", help="Retention: delete studies (files, results, index) older than N days.")(purge)
+app.command("echo", short_help="Test a DICOM destination with a C-ECHO (is it up, does it accept our AE title).")(echo)
+app.command("send", short_help="Send DICOM files to a peer with C-STORE, as stored (tests, the demo, a PACS by hand).")(send)
 app.command("segment", help="Segment brain metastases in one study folder: seg.dcm, sr.dcm, summary.json, overview.png.")(segment)
 
-ConfigOption = typer.Option(
-    DEFAULT_CONFIG,
-    "--config",
-    "-c",
-    help="YAML config file (defaults: config/node.yaml; relative paths inside it are resolved against its folder).",
-    show_default="config/node.yaml",
-)
-
-
-def _load_or_exit(path: Path) -> NodeConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise fail(str(exc), EXIT_USAGE) from None
 
 
 def _version(value: bool) -> None:
@@ -71,32 +73,14 @@ def _root(
 @config_app.command("check")
 def config_check(config: Path = ConfigOption) -> None:
     """Validate a config file; exit 0 if it is valid, 2 with one line naming the key if not."""
-    _load_or_exit(config)
+    load_or_exit(config)
     typer.echo(f"{config}: OK")
 
 
 @config_app.command("show")
 def config_show(config: Path = ConfigOption) -> None:
     """Print the resolved configuration (defaults filled in, paths made absolute) as YAML."""
-    typer.echo(to_yaml(_load_or_exit(config)), nl=False)
-
-
-@app.command()
-def serve(config: Path = ConfigOption) -> None:
-    """Run the node: receive studies over DICOM, process them, send results back (until SIGTERM)."""
-    resolved = _load_or_exit(config)
-    try:
-        check_ports_free(resolved, config)
-    except ConfigError as exc:
-        raise fail(str(exc), EXIT_USAGE) from None
-    typer.echo("# resolved configuration")
-    typer.echo(to_yaml(resolved), nl=False)
-    typer.echo(
-        "dicom-node serve: the DICOM listener, queue and dispatcher are not built yet (issue #5); "
-        "the configuration above is valid and its ports are free, but nothing is listening.",
-        err=True,
-    )
-    raise typer.Exit(EXIT_NOT_BUILT)
+    typer.echo(to_yaml(load_or_exit(config)), nl=False)
 
 
 def main() -> None:

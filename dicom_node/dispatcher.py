@@ -1,0 +1,161 @@
+"""Send results back: C-STORE of each done case's SEG and SR to every configured destination.
+
+One delivery row per (case, destination). A transient failure (connection refused, timeout, out of
+resources, rejected-transient) is retried with exponential backoff: ``send.retry_initial_seconds``
+doubling up to ``send.retry_max_seconds``, at most ``send.max_attempts`` times. A permanent refusal
+(rejected AE title, unsupported SOP class, a failure status) fails the delivery at once: retrying
+would only repeat it. A case becomes ``sent`` when every destination has its results. The SEG and
+SR keep their SOP Instance UIDs across retries, so a PACS that got them before a lost answer
+stores them once.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+
+from dicom_node.config import Destination, NodeConfig
+from dicom_node.db import (
+    DONE,
+    FAILED,
+    PENDING,
+    SENDING,
+    SENT,
+    Case,
+    Database,
+    Delivery,
+    Study,
+)
+from dicom_node.scu import Peer, SendError, client_ssl_context, send_files
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
+    """Wait before retry number ``attempts`` (1 = first retry): initial * 2^(attempts-1), capped."""
+    return min(maximum, initial * 2 ** max(0, attempts - 1))
+
+
+def destination_ssl_context(config: NodeConfig) -> ssl.SSLContext:
+    """TLS context for destinations with ``tls: true``: peers verified against node.tls.ca_certificates,
+    the node's own certificate presented when it has one."""
+    tls = config.node.tls
+    ctx = client_ssl_context(tls.ca_certificates, tls.certificate, tls.private_key)
+    ctx.check_hostname = False  # PACS are addressed by IP, rarely in their certificate; the chain is verified
+    return ctx
+
+
+def result_files(storage_root: Path, result_dir: str) -> list[Path]:
+    """The DICOM results of a case in sending order: SEG (when there are lesions), then the SR that cites it."""
+    folder = storage_root / result_dir
+    return [p for p in (folder / "seg.dcm", folder / "sr.dcm") if p.is_file()]
+
+
+def _claim_due(db: Database, lease_seconds: float, now: float) -> list[int]:
+    with db.session() as s:
+        # A sender that died mid-send leaves 'sending' behind: its lease expiry makes it due again.
+        s.execute(update(Delivery).where(Delivery.state == SENDING, Delivery.lease_expires_at < now)
+                  .values(state=PENDING, updated_at=now))
+        due = s.execute(select(Delivery.id).where(Delivery.state == PENDING, Delivery.next_attempt_at <= now)
+                        .order_by(Delivery.next_attempt_at, Delivery.id)).scalars().all()
+        won = []
+        for did in due:
+            if s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == PENDING).values(
+                    state=SENDING, lease_expires_at=now + lease_seconds, updated_at=now)).rowcount:
+                won.append(did)
+        return won
+
+
+def _finish_case_if_sent(db: Database, case_id: int, now: float) -> None:
+    with db.session() as s:
+        open_ = s.execute(select(func.count(Delivery.id)).where(Delivery.case_id == case_id,
+                                                                Delivery.state != SENT)).scalar_one()
+        if open_ == 0:
+            s.execute(update(Case).where(Case.id == case_id, Case.state == DONE).values(state=SENT, updated_at=now))
+
+
+def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
+    """Send one claimed delivery; returns its new state."""
+    cfg = config.send
+    with db.session() as s:
+        d = s.get(Delivery, delivery_id)
+        case = s.get(Case, d.case_id)
+        study_uid = s.execute(select(Study.study_uid).where(Study.id == case.study_id)).scalar_one()
+        name, attempts, result_dir, version = d.destination, d.attempts + 1, case.result_dir, case.version
+    dest: Destination | None = next((x for x in config.destinations if x.name == name), None)
+    now = time.time()
+    state, error, sent_at, next_at = FAILED, "", None, now
+    files = result_files(config.storage.root, result_dir or "")
+    if dest is None or not files:
+        error = (f"destination {name!r} is no longer in the configuration" if dest is None
+                 else f"no result files in {result_dir} (purged?)")
+        log.error("study %s version %d: delivery to %s failed: %s", study_uid, version, name, error)
+    else:
+        peer = Peer(dest.ae_title, dest.host, dest.port, tls=dest.tls)
+        try:
+            report = send_files(files, peer, calling_ae=config.node.ae_title, timeout=cfg.timeout_seconds,
+                                ssl_context=destination_ssl_context(config) if dest.tls else None)
+            report.raise_for_status()
+            state, sent_at = SENT, time.time()
+            log.info("study %s version %d: SEG/SR sent to %s (%s@%s:%d), attempt %d", study_uid, version, name,
+                     dest.ae_title, dest.host, dest.port, attempts)
+        except SendError as exc:
+            error = exc.reason
+            if exc.transient and attempts < cfg.max_attempts:
+                state = PENDING
+                next_at = time.time() + backoff_seconds(attempts, cfg.retry_initial_seconds, cfg.retry_max_seconds)
+                log.warning("study %s version %d: sending to %s failed (attempt %d/%d, retry in %.0f s): %s",
+                            study_uid, version, name, attempts, cfg.max_attempts, next_at - time.time(), error)
+            else:
+                why = "permanent refusal" if not exc.transient else f"{attempts} attempts"
+                log.error("study %s version %d: sending to %s failed for good (%s): %s", study_uid, version, name,
+                          why, error)
+    with db.session() as s:
+        s.execute(update(Delivery).where(Delivery.id == delivery_id).values(
+            state=state, attempts=attempts, last_error=error, sent_at=sent_at, next_attempt_at=next_at,
+            lease_expires_at=None, updated_at=time.time()))
+    if state == SENT:
+        _finish_case_if_sent(db, d.case_id, time.time())
+    return state
+
+
+def dispatch_due(db: Database, config: NodeConfig, *, now: float | None = None) -> int:
+    """Send every delivery that is due; returns how many were attempted."""
+    now = time.time() if now is None else now
+    # The lease outlives one send attempt (connect + associate + two C-STOREs, each bounded by the timeout).
+    ids = _claim_due(db, lease_seconds=4 * config.send.timeout_seconds + 60, now=now)
+    for did in ids:
+        deliver_one(db, config, did)
+    return len(ids)
+
+
+def resend(db: Database, config: NodeConfig, study_uid: str, *, now: float | None = None) -> int:
+    """Send the latest results of a study again to every configured destination (``dicom-node resend``).
+
+    Deliveries of the latest version with results are reset to pending (attempts 0); destinations added
+    to the config since get one. Returns the number of deliveries queued; KeyError for an unknown
+    study, ValueError when it has no results yet."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        study = s.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one_or_none()
+        if study is None:
+            raise KeyError(study_uid)
+        case = s.execute(select(Case).where(Case.study_id == study.id, Case.result_dir.is_not(None))
+                         .order_by(Case.version.desc()).limit(1)).scalar_one_or_none()
+        if case is None:
+            raise ValueError(f"study {study_uid} has no results yet")
+        existing = {d.destination: d for d in s.execute(select(Delivery).where(Delivery.case_id == case.id)).scalars()}
+        for dest in config.destinations:
+            d = existing.get(dest.name)
+            if d is None:
+                s.add(Delivery(case_id=case.id, destination=dest.name, state=PENDING, attempts=0,
+                               next_attempt_at=now, updated_at=now))
+            else:
+                d.state, d.attempts, d.next_attempt_at, d.last_error, d.updated_at = PENDING, 0, now, "", now
+        if config.destinations:
+            case.state, case.updated_at = DONE, now
+        return len(config.destinations)

@@ -1,0 +1,602 @@
+"""The DICOM receiver (Storage SCP): accepts C-ECHO and C-STORE, writes each instance durably, hands it on.
+
+One :class:`Receiver` runs a pynetdicom server in background threads. For every C-STORE it
+
+1. reads the header of the received bytes (up to the pixel data, never decoding pixels) and checks
+   that its SOPClassUID / SOPInstanceUID agree with the request (else ``0xA900``) and that its
+   Study / Series / SOP Instance UIDs are valid UIDs (else ``0xC212``; unparseable bytes ``0xC210``);
+2. refuses with ``0xA700`` (out of resources) when the storage root has less than
+   ``storage.min_free_gb`` free;
+3. writes the bytes as they came (preamble + File Meta Information + the dataset exactly as
+   encoded by the peer) to ``<root>/incoming/<study>/<series>/<sop>.dcm`` with
+   :func:`~dicom_node.storage.write_durably` (``0xA700`` if that fails);
+4. calls the sink ``on_instance`` with a :class:`ReceivedInstance`; a sink refuses one instance
+   by raising :class:`StoreRefused`, any other exception answers ``0xA700`` (the file stays on
+   disk; a repeated C-STORE of the same instance is idempotent);
+5. answers ``0x0000``, never before the file is renamed into place and fsynced.
+
+Status codes (all failures carry a short ErrorComment without patient data):
+
+======  ==============================================================================
+0x0000  success
+0xA700  out of resources: disk below ``min_free_gb``, write failed, or the sink failed
+0xA900  dataset does not match the request (SOPClassUID or SOPInstanceUID differ)
+0xC210  cannot understand: the dataset cannot be parsed
+0xC211  cannot understand: unexpected error in the receiver (logged with a traceback)
+0xC212  cannot understand: a Study/Series/SOP Instance UID is missing or invalid
+======  ==============================================================================
+
+Threading: pynetdicom runs one thread per association, so ``on_instance`` is called
+concurrently from several threads (at most ``node.max_associations``) and must be thread-safe.
+Calls for one association are sequential, in the order the peer sent the instances.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import ssl
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    Association,
+    evt,
+)
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import NodeConfig
+from dicom_node.headers import (
+    ENHANCED_MR_IMAGE_STORAGE,
+    LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE,
+    MR_IMAGE_STORAGE,
+    InstanceHeader,
+    MalformedHeaderError,
+    instance_header_from_dataset,
+)
+from dicom_node.logs import install_filters
+from dicom_node.storage import (
+    UIDError,
+    check_uid,
+    free_gb,
+    has_room,
+    instance_path,
+    write_durably,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTABLE_SOP_CLASSES = frozenset(
+    {MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_MR_IMAGE_STORAGE}
+)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_INTERNAL_ERROR = 0xC211
+STATUS_INVALID_UID = 0xC212
+
+# Uncompressed first: an SCU proposing several syntaxes in one context gets its own first choice
+# that we support (pynetdicom keeps the requestor's order).
+_NATIVE_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+)
+_COMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+# Bytes in a C-STORE-RSP ErrorComment (LO: 64 characters).
+_COMMENT_MAX = 64
+# How many series we remember having logged "stored but not routed" for.
+_UNROUTED_MEMORY = 4096
+# Received PDUs up to this size; larger PDUs mean fewer trips through pynetdicom's reactor.
+MAX_PDU_SIZE = 1 << 20
+
+
+def transfer_syntaxes() -> list[str]:
+    """Every transfer syntax the receiver accepts: the native ones and each compressed one pydicom can decode."""
+    from pydicom.pixels import get_decoder
+
+    out = list(_NATIVE_SYNTAXES)
+    for ts in _COMPRESSED_SYNTAXES:
+        try:
+            if get_decoder(UID(ts)).is_available:
+                out.append(ts)
+        except (NotImplementedError, ValueError):  # no decoder at all for this syntax
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance written to storage, as handed to the sink."""
+
+    path: Path  # absolute path of the final file
+    relative_path: str  # relative to storage.root, posix separators
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    size_bytes: int
+    calling_ae_title: str
+    peer_address: str
+    routable: bool  # an MR / Enhanced MR / Legacy Converted Enhanced MR image: may go to the model
+    header: InstanceHeader | None  # None when the header could not be read into features
+
+
+class StoreRefused(Exception):
+    """Raised by a sink to refuse one instance with a C-STORE failure ``status`` (e.g. 0xA700)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"0x{status:04X}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class _Refusal(Exception):
+    """Internal: answer the C-STORE with ``status`` and a log line."""
+
+    def __init__(self, status: int, comment: str, level: int = logging.WARNING) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+        self.level = level
+
+
+class _PolicyAE(AE):
+    """An AE whose calling-AE check also looks at the peer's IP address.
+
+    pynetdicom checks ``require_calling_aet`` inside the association's own thread while it
+    negotiates an association request; at that moment the requestor's AE title and address are
+    known, so the property answers per association: an empty list (accept) when our policy allows
+    the peer, else a list no AE title matches, which makes pynetdicom reject with
+    "rejected-permanent, calling AE title not recognised". Everywhere else it behaves as usual.
+    """
+
+    _caller_allowed: Callable[[str, str], bool] | None = None
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        thread = threading.current_thread()
+        check = self._caller_allowed
+        if check is not None and isinstance(thread, Association) and thread.is_acceptor:
+            return [] if check(thread.requestor.ae_title, thread.requestor.address) else ["\\"]
+        return AE.require_calling_aet.fget(self)  # type: ignore[attr-defined]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        AE.require_calling_aet.fset(self, ae_titles)  # type: ignore[attr-defined]
+
+
+class _DeferredHandshakeContext:
+    """Wrap accepted sockets for TLS without doing the handshake in the listening thread.
+
+    pynetdicom wraps each accepted socket in its accept loop; a handshake there would let one
+    silent peer stall every other connection. The handshake is done instead in the connection's
+    own thread (the EVT_CONN_OPEN handler), bounded by the ACSE timeout.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def wrap_socket(self, sock: Any, server_side: bool = True, **kwargs: Any) -> ssl.SSLSocket:
+        return self.context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+
+
+def build_ssl_context(config: NodeConfig) -> ssl.SSLContext:
+    """Server-side TLS context from ``node.tls``: our certificate and key; client certificates
+    verified against ``ca_certificates`` when given, and required when ``require_client_certificate``.
+    """
+    tls = config.node.tls
+    if tls.certificate is None or tls.private_key is None:
+        raise ValueError("node.tls needs certificate and private_key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
+    if tls.ca_certificates is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _comment(text: str) -> str:
+    text = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    return text[:_COMMENT_MAX]
+
+
+def _uid_str(value: Any) -> str:
+    return str(value).strip(" \x00") if value is not None else ""
+
+
+def _sop_class_name(uid: str) -> str:
+    try:
+        name = UID(uid).name
+    except Exception:  # noqa: BLE001 - a name is only decoration
+        name = ""
+    return name if name and name != uid else uid
+
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float / Double Float Pixel Data
+
+
+def _at_pixels(tag: Any, vr: Any, length: Any) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def read_header(stream: bytes, transfer_syntax: str) -> Dataset:
+    """Parse an encoded dataset (no File Meta) up to its pixel data, in ``transfer_syntax``.
+
+    Values stay raw until read, so pixel data is never decoded and unused elements cost little.
+    """
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        stream = zlib.decompress(stream, -zlib.MAX_WBITS)
+        implicit, little = False, True
+    elif ts.is_transfer_syntax:
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    else:
+        raise ValueError("unknown transfer syntax")
+    ds = read_dataset(io.BytesIO(stream), implicit, little, stop_when=_at_pixels)
+    if not len(ds):
+        raise ValueError("empty dataset")
+    return ds
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    group, elem = tag >> 16, tag & 0xFFFF
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 7.1) for one received dataset.
+
+    The same elements pynetdicom's ``Event.file_meta`` gives (its implementation UID and version),
+    plus (0002,0016) Source Application Entity Title = the calling AE title, encoded directly
+    (pydicom's writer costs ~0.3 ms per instance).
+    """
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _text(sop_class, b"\x00")),
+        _element(0x00020003, b"UI", _text(sop_uid, b"\x00")),
+        _element(0x00020010, b"UI", _text(transfer_syntax, b"\x00")),
+        _element(0x00020012, b"UI", _text(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _element(0x00020013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _element(0x00020016, b"AE", _text(source_ae.strip(), b" ")) if source_ae.strip() else b"",
+    ))
+    return b"".join((b"\x00" * 128, b"DICM", _element(0x00020000, b"UL", struct.pack("<I", len(body))), body))
+
+
+class Receiver:
+    """The node's Storage SCP (see the module docstring)."""
+
+    def __init__(self, config: NodeConfig, on_instance: Callable[[ReceivedInstance], None]) -> None:
+        self._config = config
+        self._on_instance = on_instance
+        self._root = Path(config.storage.root).absolute()
+        self._min_free_gb = config.storage.min_free_gb
+        self._ae_title = config.node.ae_title
+        self._callers: dict[str, set[str | None]] = {}
+        for caller in config.node.allowed_callers:
+            self._callers.setdefault(caller.ae_title, set()).add(caller.host)
+        self._server: Any = None
+        self._ae: _PolicyAE | None = None
+        self._lock = threading.Lock()
+        self._unrouted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._counts: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server is bound to (the configured one; the real one after start with port 0)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._config.node.port
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        """Start listening in background threads (returns at once). Raises OSError if the port is taken."""
+        if self._server is not None:
+            raise RuntimeError("receiver already started")
+        install_filters()
+        node = self._config.node
+        ae = _PolicyAE(ae_title=node.ae_title)
+        ae.require_called_aet = True
+        ae._caller_allowed = self._caller_allowed if self._callers else None
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout_seconds
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
+        ae.maximum_pdu_size = MAX_PDU_SIZE
+
+        syntaxes = transfer_syntaxes()
+        ae.add_supported_context(Verification, syntaxes)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+
+        handlers = [
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+        ]
+        ssl_context: Any = None
+        if node.tls.enabled:
+            ssl_context = _DeferredHandshakeContext(build_ssl_context(self._config))
+            handlers.append((evt.EVT_CONN_OPEN, self._tls_handshake))
+        self._root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._server = ae.start_server(
+            (node.bind_address, node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+        self._ae = ae
+        log.info(
+            "DICOM receiver %s listening on %s:%d%s, storing under %s",
+            node.ae_title, node.bind_address, self.port, " (TLS)" if node.tls.enabled else "", self._root,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening and abort open associations (their current C-STORE finishes first)."""
+        ae, self._ae = self._ae, None
+        server, self._server = self._server, None
+        if ae is None or server is None:
+            return
+        threads = list(ae.active_associations)
+        ae.shutdown()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        log.info("DICOM receiver %s stopped", self._ae_title)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ association policy
+
+    def _caller_allowed(self, calling_ae: str, address: str) -> bool:
+        hosts = self._callers.get(calling_ae.strip())
+        if hosts is None:
+            return False
+        return None in hosts or address in hosts
+
+    def _refusal_reason(self, assoc: Association) -> str:
+        calling = assoc.requestor.ae_title
+        address = assoc.requestor.address
+        reasons = []
+        primitive = assoc.requestor.primitive
+        called = primitive.called_ae_title if primitive is not None else ""
+        if called != self._ae_title:
+            reasons.append(f"called AE title {called!r} is not {self._ae_title!r}")
+        if self._callers:
+            hosts = self._callers.get(calling.strip())
+            if hosts is None:
+                reasons.append("calling AE title not in node.allowed_callers")
+            elif None not in hosts and address not in hosts:
+                reasons.append(f"calling AE title allowed only from {', '.join(sorted(h for h in hosts if h))}")
+        if not reasons:
+            reasons.append(f"too many associations (node.max_associations = {self._config.node.max_associations})")
+        return "; ".join(reasons)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        log.warning(
+            "refused association from AE %r at %s: %s",
+            assoc.requestor.ae_title, assoc.requestor.address, self._refusal_reason(assoc),
+        )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._counts[id(assoc)] = [0, 0]
+        log.info(
+            "accepted association from AE %r at %s (%d presentation contexts)",
+            assoc.requestor.ae_title, assoc.requestor.address, len(assoc.accepted_contexts),
+        )
+
+    def _on_ended(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            counts = self._counts.pop(id(assoc), None)
+        if counts is not None:
+            how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+            log.info(
+                "association from AE %r at %s %s: %d instances stored, %d refused",
+                assoc.requestor.ae_title, assoc.requestor.address, how, counts[0], counts[1],
+            )
+
+    def _count(self, event: evt.Event, ok: bool) -> None:
+        with self._lock:
+            counts = self._counts.get(id(event.assoc))
+            if counts is not None:
+                counts[0 if ok else 1] += 1
+
+    def _tls_handshake(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN (TLS only): finish the handshake in the connection's thread, bounded in time."""
+        assoc = event.assoc
+        transport = assoc.dul.socket
+        sock = transport.socket if transport is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        try:
+            sock.settimeout(self._config.node.acse_timeout_seconds)
+            sock.do_handshake()
+            sock.settimeout(None)
+        except (OSError, ValueError) as exc:
+            log.warning("refused TLS connection from %s: %s", event.address[0], exc)
+            transport.close()
+            # No A-ASSOCIATE-RQ can come now: end the association at once instead of after the ACSE timeout.
+            assoc.acse_timeout = 0.01
+
+    # ------------------------------------------------------------------ DIMSE handlers
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
+        request = event.request
+        sop_uid = _uid_str(getattr(request, "AffectedSOPInstanceUID", ""))
+        try:
+            status, comment = self._store(event, request, sop_uid)
+        except _Refusal as r:
+            status, comment = r.status, r.comment
+            log.log(r.level, "refused SOP instance %s (0x%04X): %s", sop_uid or "?", status, comment)
+        except Exception:
+            status, comment = STATUS_INTERNAL_ERROR, "internal error in the receiver"
+            log.exception("refused SOP instance %s (0x%04X): unexpected error", sop_uid or "?", status)
+        self._count(event, status == STATUS_SUCCESS)
+        if status == STATUS_SUCCESS:
+            return STATUS_SUCCESS
+        rsp = Dataset()
+        rsp.Status = status
+        rsp.ErrorComment = _comment(comment)
+        return rsp
+
+    def _store(self, event: evt.Event, request: Any, sop_uid: str) -> tuple[int, str]:
+        sop_class = _uid_str(getattr(request, "AffectedSOPClassUID", ""))
+        transfer_syntax = str(event.context.transfer_syntax)
+        stream = request.DataSet.getvalue()
+        calling_ae = event.assoc.requestor.ae_title
+
+        # (1) the header, up to the pixel data
+        try:
+            ds = read_header(stream, transfer_syntax)
+            ds_sop_class = _uid_str(ds.get("SOPClassUID"))
+            ds_sop_uid = _uid_str(ds.get("SOPInstanceUID"))
+            study_uid = _uid_str(ds.get("StudyInstanceUID"))
+            series_uid = _uid_str(ds.get("SeriesInstanceUID"))
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
+            raise _Refusal(STATUS_CANNOT_PARSE, f"cannot parse dataset ({type(exc).__name__})") from None
+        if ds_sop_class != sop_class:
+            raise _Refusal(STATUS_DATASET_MISMATCH, "SOPClassUID differs from the request")
+        if ds_sop_uid != sop_uid:
+            raise _Refusal(STATUS_DATASET_MISMATCH, "SOPInstanceUID differs from the request")
+        try:
+            check_uid(sop_class, "SOPClassUID")
+            check_uid(transfer_syntax, "TransferSyntaxUID")
+            path = instance_path(self._root, study_uid, series_uid, sop_uid)
+        except UIDError as exc:
+            raise _Refusal(STATUS_INVALID_UID, str(exc)) from None
+
+        # (2) room on disk
+        if not has_room(self._root, self._min_free_gb):
+            raise _Refusal(
+                STATUS_OUT_OF_RESOURCES,
+                f"out of resources: {free_gb(self._root):.2f} GB free, "
+                f"storage.min_free_gb is {self._min_free_gb:g}",
+            )
+
+        # (3) the bytes as they came (with a File Meta Information header), durably
+        data = file_meta_bytes(sop_class, sop_uid, transfer_syntax, calling_ae) + stream
+        try:
+            write_durably(path, data)
+        except OSError as exc:
+            raise _Refusal(
+                STATUS_OUT_OF_RESOURCES, f"out of resources: could not write ({exc.strerror or exc})",
+                level=logging.ERROR,
+            ) from None
+
+        # (4) the sink
+        routable = sop_class in ROUTABLE_SOP_CLASSES
+        header = self._header(ds, path, sop_uid)
+        if not routable:
+            self._note_unrouted(series_uid, sop_class)
+        instance = ReceivedInstance(
+            path=path,
+            relative_path=path.relative_to(self._root).as_posix(),
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_uid,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            transfer_syntax_uid=transfer_syntax,
+            size_bytes=len(data),
+            calling_ae_title=calling_ae,
+            peer_address=event.assoc.requestor.address,
+            routable=routable,
+            header=header,
+        )
+        try:
+            self._on_instance(instance)
+        except StoreRefused as exc:
+            raise _Refusal(exc.status, exc.reason) from None
+        except Exception:
+            log.exception("sink failed for SOP instance %s (stored at %s)", sop_uid, instance.relative_path)
+            raise _Refusal(
+                STATUS_OUT_OF_RESOURCES, "out of resources: could not index", level=logging.DEBUG
+            ) from None
+        # (5) success: the file is in place and fsynced, and the sink has it
+        return STATUS_SUCCESS, ""
+
+    def _header(self, ds: Dataset, path: Path, sop_uid: str) -> InstanceHeader | None:
+        try:
+            return instance_header_from_dataset(ds, str(path))
+        except MalformedHeaderError as exc:
+            cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "ValueError"
+            log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid, cause)
+        except ValueError as exc:
+            log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid, exc)
+        except Exception as exc:  # noqa: BLE001 - features are optional; the instance is stored
+            log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid,
+                     type(exc).__name__)
+        return None
+
+    def _note_unrouted(self, series_uid: str, sop_class: str) -> None:
+        with self._lock:
+            if series_uid in self._unrouted:
+                return
+            self._unrouted[series_uid] = None
+            if len(self._unrouted) > _UNROUTED_MEMORY:
+                self._unrouted.popitem(last=False)
+        log.info(
+            "series %s: SOP class %s is stored but never routed to the model", series_uid, _sop_class_name(sop_class)
+        )

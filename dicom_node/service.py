@@ -1,0 +1,99 @@
+"""The running node: receiver, completion check, worker and dispatcher in one process (``dicom-node serve``).
+
+Data flow: receiver (C-STORE -> file + index) -> router (completion -> case) -> processor (case ->
+results) -> dispatcher (results -> destinations). The receiver serves on pynetdicom's threads, the
+worker has its own thread (a case may take a minute), and APScheduler runs the periodic passes
+(completion, sending, lease recovery) every ``queue.poll_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.config import NodeConfig
+from dicom_node.db import Database, open_database
+from dicom_node.dispatcher import dispatch_due
+from dicom_node.index import Index, reindex_missing
+from dicom_node.processor import Processor
+from dicom_node.queue import recover_expired, recover_orphans
+from dicom_node.receiver import Receiver
+from dicom_node.router import route_complete_studies
+from dicom_node.rules import load_rules
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """Everything ``serve`` runs; :meth:`start` returns once the node listens, :meth:`stop` is graceful."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.db: Database | None = None
+        self.receiver: Receiver | None = None
+        self.processor: Processor | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    def start(self) -> None:
+        cfg = self.config
+        t = time.perf_counter()
+        cfg.storage.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.rules = load_rules(cfg.rules)
+        self.db = db = open_database(cfg.database.url)
+        recover_orphans(db, socket.gethostname(), cfg.queue.max_attempts)
+        reindex_missing(db, cfg.storage.root)
+        self.processor = Processor(db, cfg)
+        self.receiver = Receiver(cfg, Index(db).record)
+        self.receiver.start()
+        every = cfg.queue.poll_seconds
+        self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                                            "misfire_grace_time": None})
+        self._scheduler.add_job(self._route, "interval", seconds=every, id="completion")
+        self._scheduler.add_job(self._dispatch, "interval", seconds=every, id="dispatch")
+        self._scheduler.add_job(self._recover, "interval", seconds=max(every, 5.0), id="leases")
+        self._scheduler.start()
+        self._worker = threading.Thread(target=self.processor.run_forever, args=(self._stop,), name="worker",
+                                        daemon=True)
+        self._worker.start()
+        log.info("node %s listening on %s:%d (pid %d), ready in %.1f s; storage %s", cfg.node.ae_title,
+                 cfg.node.bind_address, self.receiver.port, os.getpid(), time.perf_counter() - t, cfg.storage.root)
+
+    def _route(self) -> None:
+        try:
+            route_complete_studies(self.db, self.config.completion, self.rules)
+        except Exception:
+            log.exception("completion check failed; retrying on the next pass")
+
+    def _dispatch(self) -> None:
+        try:
+            dispatch_due(self.db, self.config)
+        except Exception:
+            log.exception("dispatch pass failed; retrying on the next pass")
+
+    def _recover(self) -> None:
+        try:
+            recover_expired(self.db, self.config.queue.max_attempts)
+        except Exception:
+            log.exception("lease recovery failed; retrying on the next pass")
+
+    def stop(self) -> None:
+        """Stop accepting associations, finish (or re-queue) the running case, stop the periodic passes."""
+        grace = self.config.queue.shutdown_grace_seconds
+        log.info("stopping: no new associations; waiting up to %g s for the running case", grace)
+        if self.receiver is not None:
+            self.receiver.stop()
+        self._stop.set()
+        if self.processor is not None and not self.processor.idle.wait(grace):
+            self.processor.release_current(f"node stopped (SIGTERM) before the case finished ({grace:g} s grace)")
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        if self.db is not None:
+            self.db.dispose()
+        log.info("stopped")

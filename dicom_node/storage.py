@@ -1,0 +1,137 @@
+"""Where received instances live on disk, and how they get there without being lost.
+
+Layout: ``<storage.root>/incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+Every UID comes from the network, so :func:`instance_path` checks each one against the DICOM UID
+syntax before it becomes part of a path: a UID such as ``1.2/../../x`` never reaches the
+filesystem.
+
+:func:`write_durably` writes a file so that, once it returns, the file is complete under its final
+name and survives a power cut: a temporary file in the same folder, ``fsync``, ``os.replace`` into
+place, ``fsync`` of the folder. A second write of the same path replaces the file atomically, so a
+repeated C-STORE of the same instance is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+INCOMING = "incoming"
+
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+# Components are "0" or digits without a leading zero; dot-separated; at most 64 characters.
+_UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_UID_MAX = 64
+
+
+class UIDError(ValueError):
+    """A UID from the network is not a valid DICOM UID (and must not become part of a path)."""
+
+
+def valid_uid(uid: str) -> bool:
+    """True when ``uid`` is a syntactically valid DICOM UID (PS3.5 9.1)."""
+    return isinstance(uid, str) and 0 < len(uid) <= _UID_MAX and _UID_RE.fullmatch(uid) is not None
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_uid(uid: str, what: str) -> str:
+    """Return ``uid`` unchanged, or raise :class:`UIDError` naming ``what`` (e.g. "SOPInstanceUID")."""
+    if not valid_uid(uid):
+        raise UIDError(f"invalid {what} {_short(uid)}")
+    return uid
+
+
+def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """``root/incoming/<study>/<series>/<sop>.dcm``; :class:`UIDError` when any UID is invalid."""
+    check_uid(study_uid, "StudyInstanceUID")
+    check_uid(series_uid, "SeriesInstanceUID")
+    check_uid(sop_uid, "SOPInstanceUID")
+    return Path(root) / INCOMING / study_uid / series_uid / (sop_uid + ".dcm")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(folder: Path) -> None:
+    """Create ``folder`` and missing parents (mode 0o750), fsyncing each parent that got a new entry."""
+    if os.path.isdir(folder):
+        return
+    missing: list[Path] = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, _DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        # Make the new directory entry itself durable, like the file's.
+        _fsync_dir(d.parent)
+
+
+def write_durably(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically and durably (see the module docstring).
+
+    Parents are created with mode 0o750, the file gets mode 0o640 (before the umask). On any
+    failure the temporary file is removed and the exception is re-raised; ``path`` is then either
+    absent or still holds its previous complete content.
+    """
+    path = Path(path)
+    folder = path.parent
+    _make_dirs(folder)
+    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def free_gb(path: Path) -> float:
+    """Free space (GB = 1e9 bytes, available to unprivileged users) on the filesystem of ``path``.
+
+    ``path`` need not exist yet: the nearest existing parent is measured.
+    """
+    try:
+        st = os.statvfs(path)
+    except FileNotFoundError:
+        p = Path(path).absolute()
+        while not p.exists() and p.parent != p:
+            p = p.parent
+        st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize / 1e9
+
+
+def has_room(root: Path, min_free_gb: float) -> bool:
+    """True when the filesystem holding ``root`` has at least ``min_free_gb`` GB free."""
+    return free_gb(root) >= min_free_gb
