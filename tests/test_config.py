@@ -117,15 +117,15 @@ def test_cli_config_check_and_show(tmp_path: Path) -> None:
     assert "node.prot: unknown key" in bad.stderr
 
 
-def test_serve_does_not_pretend_to_listen(tmp_path: Path) -> None:
+def test_serve_with_a_missing_model_is_a_config_error(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dicom_port = probe.getsockname()[1]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         web_port = probe.getsockname()[1]
-    path = write(tmp_path, f"node: {{port: {dicom_port}, bind_address: 127.0.0.1}}\nweb: {{port: {web_port}}}\n")
+    path = write(tmp_path, f"node: {{port: {dicom_port}, bind_address: 127.0.0.1}}\nweb: {{port: {web_port}}}\n"
+                 "model: {path: nowhere.safetensors}\n")
     result = runner.invoke(app, ["serve", "--config", str(path)])
-    assert result.exit_code == 3
-    assert "nothing is listening" in result.stderr
-    assert yaml.safe_load(result.stdout)["node"]["port"] == dicom_port
+    assert result.exit_code == 2
+    assert "model.path" in result.stderr and "does not exist" in result.stderr

@@ -153,18 +153,20 @@ def test_two_studies_interleaved_on_parallel_associations(node: NodeProcess, stu
 def test_unknown_called_ae_and_malformed_file_are_refused_node_keeps_running(node: NodeProcess, tmp_path) -> None:
     wrong = storescu(node.port, [DWI], called="SOMEONE_ELSE")
     assert wrong.returncode != 0
-    bad = tmp_path / "bad.dcm"
     good = next(p for p in sorted(DWI.iterdir()) if p.is_file())
+    # A hostile file: its SOP Instance UID would be a path outside the storage folder. Refused, nothing written.
+    bad = tmp_path / "hostile.dcm"
     ds = pydicom.dcmread(good)
-    ds.SOPInstanceUID = "1.2.3.4.5.6.7.8.9.0.1.2.3.4.5.6.7.8.9.0.1.2.3.4.5.6.7.8.9.0.1.2.3.4.5.6.7.8.9.0.1.2.3.4.5.6.7.8.9"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID  # 98 chars: not a valid UID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../escaped"
     ds.save_as(bad)
-    r = storescu(node.port, [bad])
-    assert r.returncode != 0 or "Error" in r.stderr or "Failed" in r.stderr, r.stderr
-    assert not list(Path(node.settings["storage"]["root"]).rglob(f"{ds.SOPInstanceUID}*"))
-    again = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "ILD_NODE", "127.0.0.1", str(node.port)],
-                           capture_output=True, text=True, timeout=30, check=False)
-    assert again.returncode == 0
+    r = node.cli("send", str(bad), "--to", f"127.0.0.1:{node.port}:ILD_NODE", "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "sent 0 of 1" in r.stdout
+    assert not list(Path(node.settings["storage"]["root"]).parent.rglob("escaped*"))
+    again = node.cli("echo", "127.0.0.1", str(node.port), "ILD_NODE")
+    assert again.returncode == 0, again.stderr
+    ok = node.cli("send", str(good), "--to", f"127.0.0.1:{node.port}:ILD_NODE", "--no-progress")
+    assert ok.returncode == 0 and "sent 1 of 1" in ok.stdout, ok.stdout + ok.stderr
 
 
 def test_unknown_calling_ae_refused(tmp_path: Path, model: Path, studies) -> None:
