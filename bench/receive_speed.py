@@ -1,7 +1,7 @@
 """Receive speed of the node's DICOM receiver against DCMTK storescp, for the same storescu transfer on loopback.
 
     .venv/bin/python bench/receive_speed.py [--instances 800] [--repeat 3] [--work DIR] [--nagle both|off|on]
-                                            [--with-index MODULE:FUNC]
+                                            [--sink index|none]
 
 A synthetic classic MR series (256 x 256 uint16, ~130 KB per instance, Explicit VR Little Endian) is
 generated once (kept under ``--work`` when given, else in a temporary folder). Each round sends the whole
@@ -9,8 +9,9 @@ folder with one ``storescu +sd`` association to
 
 * DCMTK ``storescp`` (default options, writing into a fresh temporary folder; note that storescp does
   NOT fsync the files it writes), and
-* our :class:`dicom_node.receiver.Receiver` (in this process, a no-op sink unless ``--with-index``),
-  which fsyncs every file and its folder before answering success,
+* our :class:`dicom_node.receiver.Receiver` (in this process) with the node's own sink, the index on a
+  fresh SQLite database (``--sink index``, default: the real receive path of ``dicom-node serve``) or
+  none (``--sink none``: the receiver alone); it fsyncs every file and its folder before answering success,
 
 timing each from storescu start to its exit. The table gives the median over ``--repeat`` rounds of
 instances/s and MB/s (1 MB = 1e6 bytes of files sent) and the ratio ours / storescp; the target is >= 0.90.
@@ -19,13 +20,11 @@ Nagle: this Debian DCMTK build leaves Nagle's algorithm on unless the environmen
 then every C-STORE round trip with storescp stalls ~40 ms on delayed ACKs (storescp manages ~21
 instances/s). ``--nagle both`` (default) runs both ways: ``on`` = DCMTK as shipped, ``off`` = DCMTK
 tools started with ``TCP_NODELAY=1`` (storescp's best case, the meaningful comparison).
-``--with-index MODULE:FUNC`` calls ``FUNC(config)`` to get a sink (e.g. the index of issue #5) instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import socket
@@ -185,9 +184,38 @@ def round_ours(folder: Path, n: int, nagle: bool,
     return elapsed
 
 
-def load_sink(spec: str) -> Callable[[NodeConfig], Callable[[ReceivedInstance], None]]:
-    module, _, func = spec.partition(":")
-    return getattr(importlib.import_module(module), func)
+def round_floor(folder: Path, n: int, nagle: bool) -> float:
+    """pynetdicom alone: an SCP whose C-STORE handler answers success without looking at or storing anything.
+    The ceiling of any receiver built on pynetdicom (the library the design requires)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    ae = AE(ae_title=AE_TITLE)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax)
+    seen = [0]
+
+    def answer(_event: object) -> int:
+        seen[0] += 1
+        return 0x0000
+
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, answer)])
+    try:
+        elapsed = storescu(port, folder, nagle)
+    finally:
+        server.shutdown()
+    if seen[0] != n:
+        raise RuntimeError(f"pynetdicom saw {seen[0]} instances, expected {n}")
+    return elapsed
+
+
+def index_sink(config: NodeConfig) -> Callable[[ReceivedInstance], None]:
+    """The node's sink: the index on a fresh SQLite database beside the storage folder (WAL, as the default)."""
+    from dicom_node.db import open_database
+    from dicom_node.index import Index
+
+    return Index(open_database(f"sqlite:///{config.storage.root / 'node.db'}")).record
 
 
 def main() -> None:
@@ -196,8 +224,8 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=800, help="instances in the study (default 800)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per receiver; the median is reported (default 3)")
     ap.add_argument("--work", type=Path, help="keep the generated study here and reuse it (default: temporary)")
-    ap.add_argument("--with-index", metavar="MODULE:FUNC",
-                    help="sink factory FUNC(config) -> callable(ReceivedInstance) instead of the no-op sink")
+    ap.add_argument("--sink", choices=("index", "none"), default="index",
+                    help="index: the node's index on SQLite, as `serve` runs it (default); none: the receiver alone")
     ap.add_argument("--nagle", choices=("both", "off", "on"), default="both",
                     help="DCMTK tools with Nagle's algorithm off (TCP_NODELAY=1), on (as shipped) or both (default)")
     ap.add_argument("--log-level", default="WARNING", help="log level during the runs (default WARNING)")
@@ -206,7 +234,7 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} (DCMTK) not found on PATH")
     setup_logging(args.log_level)
-    sink_factory = load_sink(args.with_index) if args.with_index else None
+    sink_factory = index_sink if args.sink == "index" else None
 
     tmp = None
     if args.work is None:
@@ -222,25 +250,28 @@ def main() -> None:
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(f"study: {n} instances, {megabytes:.1f} MB ({megabytes * 1e3 / n:.0f} KB each), Explicit VR LE; "
               f"storescu +sd, one association, loopback; {args.repeat} rounds, alternating; {os.cpu_count()} CPUs")
-        sink = args.with_index or "no-op sink"
-        labels = {"storescp": "DCMTK storescp (default options, no fsync)", "ours": f"Receiver ({sink}, fsync per file)"}
+        sink = "index on SQLite" if args.sink == "index" else "no sink"
+        labels = {"storescp": "DCMTK storescp (default options, no fsync)", "ours": f"Receiver ({sink}, fsync per file)",
+                  "floor": "pynetdicom alone (answers, stores nothing)"}
         modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.nagle]
         for nagle in modes:
             title = "Nagle on (DCMTK as shipped)" if nagle else "Nagle off (DCMTK tools with TCP_NODELAY=1)"
             print(f"\n== {title}")
-            times: dict[str, list[float]] = {"storescp": [], "ours": []}
+            times: dict[str, list[float]] = {"storescp": [], "ours": [], "floor": []}
             for r in range(args.repeat):
                 times["storescp"].append(round_storescp(folder, n, nagle))
                 times["ours"].append(round_ours(folder, n, nagle, sink_factory))
-                print(f"  round {r + 1}: storescp {times['storescp'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s",
-                      flush=True)
+                times["floor"].append(round_floor(folder, n, nagle))
+                print(f"  round {r + 1}: storescp {times['storescp'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s, "
+                      f"pynetdicom alone {times['floor'][-1]:.2f} s", flush=True)
             print(f"  {'receiver':<46} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
             med = {k: statistics.median(v) for k, v in times.items()}
             for k, label in labels.items():
                 print(f"  {label:<46} {med[k]:9.2f} {n / med[k]:8.0f} {megabytes / med[k]:7.1f}")
             ratio = med["storescp"] / med["ours"]
             print(f"  ratio ours / storescp (instances/s): {ratio:.2f}  "
-                  f"(target >= 0.90: {'OK' if ratio >= 0.9 else 'BELOW'})", flush=True)
+                  f"(target >= 0.90: {'OK' if ratio >= 0.9 else 'BELOW'}); pynetdicom alone / storescp: "
+                  f"{med['storescp'] / med['floor']:.2f}", flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()

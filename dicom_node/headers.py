@@ -241,12 +241,15 @@ class MalformedHeaderError(ValueError):
     """A header whose values cannot be read into features (raised by :func:`instance_header_from_dataset`)."""
 
 
-def instance_header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
+def instance_header_from_dataset(ds: Dataset, path: str, series: SeriesFeatures | None = None) -> InstanceHeader:
     """Build the :class:`InstanceHeader` of an already-read dataset (pixel data not needed).
 
-    ``path`` is recorded as the instance's path and source. Raises ``ValueError`` with a short
-    reason when the dataset cannot be used as an instance: a DICOMDIR, no SeriesInstanceUID, or
-    (:class:`MalformedHeaderError`) values that cannot be read into features.
+    ``path`` is recorded as the instance's path and source. ``series``: the features of an earlier
+    instance of the same series; then only the per-instance values (geometry, acquisition time,
+    b-value, frames) are read, which is what the receiver needs at network speed (the series-level
+    features come from the first instance, as :func:`group_series` does). Raises ``ValueError`` with
+    a short reason when the dataset cannot be used as an instance: a DICOMDIR, no SeriesInstanceUID,
+    or (:class:`MalformedHeaderError`) values that cannot be read into features.
     """
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
@@ -256,16 +259,21 @@ def instance_header_from_dataset(ds: Dataset, path: str) -> InstanceHeader:
         raise ValueError("no SeriesInstanceUID")
     try:
         geometry = _instance_geometry(ds)
-        n_slices, parallel = _stack_properties(geometry.positions, geometry.orientations)
-        features = _features_from_dataset(
-            ds,
-            n_instances=1,
-            n_frames=max(1, _int(ds.get("NumberOfFrames")) or 1),
-            n_slices=n_slices,
-            parallel_stack=parallel,
-            orientation=_plane(geometry.orientations[0]) if geometry.orientations else "",
-            source=(path,),
-        )
+        n_frames = max(1, _int(ds.get("NumberOfFrames")) or 1)
+        if series is not None and series.series_instance_uid == series_uid:
+            features = dataclasses.replace(series, n_frames=n_frames, acquisition_datetime=_acquisition_datetime(ds),
+                                           max_b_value=_b_value(ds), source=(path,))
+        else:
+            n_slices, parallel = _stack_properties(geometry.positions, geometry.orientations)
+            features = _features_from_dataset(
+                ds,
+                n_instances=1,
+                n_frames=n_frames,
+                n_slices=n_slices,
+                parallel_stack=parallel,
+                orientation=_plane(geometry.orientations[0]) if geometry.orientations else "",
+                source=(path,),
+            )
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise MalformedHeaderError(f"malformed header ({type(exc).__name__}: {exc})") from exc
     return InstanceHeader(
