@@ -33,6 +33,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import pydicom
+    from pydicom.errors import InvalidDicomError
     from node_harness import NodeProcess, node_config, storescp, storescu, wait_for
 
     from training.phantom import generate_study
@@ -67,7 +68,10 @@ def main() -> int:
                     def arrived(uid: str = uid) -> bool:
                         got = set()
                         for p in (tmp / "dest").iterdir():
-                            ds = pydicom.dcmread(p, stop_before_pixels=True)
+                            try:
+                                ds = pydicom.dcmread(p, stop_before_pixels=True)
+                            except (InvalidDicomError, EOFError, OSError):
+                                continue  # storescp is still writing it
                             if ds.StudyInstanceUID == uid:
                                 got.add(str(ds.Modality))
                         return {"SEG", "SR"} <= got or ("SR" in got and _no_lesions(node, uid))

@@ -216,22 +216,28 @@ def test_release_and_orphans_do_not_lose_cases(env, study_files) -> None:
         assert s.get(Case, cid).state == "queued"
 
 
-def test_complete_creates_deliveries_and_dispatcher_sends_once(env, study_files, tmp_path) -> None:
-    db, root = env
+def _done_case(db, root: Path, study_files: list[Path], results: tuple[str, ...]) -> tuple[int, str]:
+    """A case processed by worker "w" with one pending delivery to "pacs"; real DICOM files stand in for
+    its results (the dispatcher sends files as stored). Returns (case id, StudyInstanceUID)."""
     _receive(db, root, study_files, 0.0)
     (cid,) = route_complete_studies(db, _settings(), RULES, now=100.0)
     c = claim(db, "w", 60)
-    # Results: two real DICOM objects stand in for seg.dcm and sr.dcm (the dispatcher sends files as stored).
     res = root / "results" / c.study_uid
     res.mkdir(parents=True)
-    shutil.copyfile(study_files[0], res / "seg.dcm")
-    shutil.copyfile(study_files[1], res / "sr.dcm")
+    for name, source in zip(results, study_files, strict=False):
+        shutil.copyfile(source, res / name)
+    assert complete(db, cid, "w", f"results/{c.study_uid}", {"lesion_count": 1, "lesion_count_ge_10mm3": 1}, ["pacs"])
+    return cid, c.study_uid
+
+
+def test_complete_creates_deliveries_and_dispatcher_sends_once(env, study_files, tmp_path) -> None:
+    db, root = env
+    cid, study_uid = _done_case(db, root, study_files, ("seg.dcm", "sr.dcm"))
     port = free_port()
     cfg = NodeConfig.model_validate({
         "storage": {"root": str(root)}, "destinations": [{"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1",
                                                           "port": port}],
         "send": {"retry_initial_seconds": 1, "retry_max_seconds": 4, "max_attempts": 3, "timeout_seconds": 5}})
-    assert complete(db, cid, "w", f"results/{c.study_uid}", {"lesion_count": 1, "lesion_count_ge_10mm3": 1}, ["pacs"])
     assert dispatch_due(db, cfg) == 1  # destination down: transient
     with db.session() as s:
         d = s.query(Delivery).one()
@@ -242,20 +248,14 @@ def test_complete_creates_deliveries_and_dispatcher_sends_once(env, study_files,
         assert s.query(Delivery).one().state == "sent"
         assert s.get(Case, cid).state == "sent"
     assert len(list((tmp_path / "dest").iterdir())) == 2
-    assert resend(db, cfg, c.study_uid) == 1
+    assert resend(db, cfg, study_uid) == 1
     with db.session() as s:
         assert s.query(Delivery).one().state == "pending" and s.get(Case, cid).state == "done"
 
 
 def test_permanent_refusal_stops_retries(env, study_files, tmp_path) -> None:
     db, root = env
-    _receive(db, root, study_files, 0.0)
-    (cid,) = route_complete_studies(db, _settings(), RULES, now=100.0)
-    c = claim(db, "w", 60)
-    res = root / "results" / c.study_uid
-    res.mkdir(parents=True)
-    shutil.copyfile(study_files[0], res / "sr.dcm")
-    complete(db, cid, "w", f"results/{c.study_uid}", {"lesion_count": 0, "lesion_count_ge_10mm3": 0}, ["pacs"])
+    _done_case(db, root, study_files, ("sr.dcm",))
     port = free_port()
     cfg = NodeConfig.model_validate({
         "storage": {"root": str(root)}, "node": {"ae_title": "NOT_ALLOWED"},
