@@ -33,8 +33,8 @@ def main() -> int:
     args = ap.parse_args()
 
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from node_harness import NodeProcess, node_config, storescp, storescu, wait_for
+    from pydicom.errors import InvalidDicomError
 
     from training.phantom import generate_study
     from training.phantom.dicom_writer import write_dicom_study
@@ -99,7 +99,7 @@ def main() -> int:
     return 0
 
 
-def _no_lesions(node, uid: str) -> bool:  # noqa: ANN001 (NodeProcess from the test harness)
+def _no_lesions(node, uid: str) -> bool:
     st = node.study(uid)
     return bool(st and st["case"] and st["case"]["lesions"] and st["case"]["lesions"]["count"] == 0)
 

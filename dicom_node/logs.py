@@ -117,3 +117,8 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # APScheduler logs every run of a periodic pass at INFO, and at WARNING each run skipped because the
+    # previous one is still going (intended: one pass at a time); job exceptions are ERROR and stay.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    # highdicom narrates every module it copies into a SEG/SR at INFO.
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

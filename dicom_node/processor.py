@@ -141,7 +141,7 @@ class Processor:
             publish(tmp, final)
         except (StudyError, SeriesLoadError) as exc:
             # The study itself cannot be processed: retrying gives the same answer.
-            state = fail(self.db, case.id, self.owner, str(exc), max_attempts=cfg.queue.max_attempts, permanent=True)
+            fail(self.db, case.id, self.owner, str(exc), max_attempts=cfg.queue.max_attempts, permanent=True)
             log.error("case %d (study %s version %d) failed: %s", case.id, case.study_uid, case.version, exc)
             return
         except Exception as exc:  # noqa: BLE001 (a bug or resource problem: retried, up to max_attempts)

@@ -12,6 +12,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicom_node.db import CASE_STATES, Case, Database, Delivery, Series, Study
+from pipeline.roles import ROLES
+
+
+def _role_order(role: str) -> int:
+    return ROLES.index(role) if role in ROLES else len(ROLES)
 
 
 def _iso(t: float | None) -> str | None:
@@ -32,7 +37,8 @@ def case_dict(case: Case, deliveries: list[Delivery]) -> dict[str, Any]:
         "finished": _iso(case.finished_at),
         "instances": case.n_instances,
         "roles": {role: {"series_instance_uid": c["series_instance_uid"], "series_description": c["series_description"],
-                         "why": c["reason"]} for role, c in assignment.get("chosen", {}).items()},
+                         "why": c["reason"]}
+                  for role, c in sorted(assignment.get("chosen", {}).items(), key=lambda rc: _role_order(rc[0]))},
         "missing_roles": assignment.get("missing_roles", []),
         "lesions": None if summary is None else {
             "count": summary["lesion_count"], "count_ge_10mm3": summary["lesion_count_ge_10mm3"],

@@ -256,3 +256,20 @@ def test_port_in_use_is_a_config_error(tmp_path: Path, model: Path) -> None:
         s.listen()
         r = NodeProcess(cfg).cli("serve")
     assert r.returncode == 2 and "already in use" in r.stderr
+
+
+def test_sigterm_during_a_case_requeues_it_and_a_restart_finishes_it(tmp_path: Path, model: Path, studies) -> None:
+    cfg = node_config(tmp_path, model=model, queue={"shutdown_grace_seconds": 0})
+    uid = _study_uid(studies["no_bravo"])
+    n = NodeProcess(cfg).start()
+    try:
+        assert storescu(n.port, [studies["no_bravo"]]).returncode == 0
+        n.wait_state(uid, {"running"}, timeout=60)
+        assert n.stop() == 0
+        st = n.study(uid)
+        assert st["state"] == "queued" and st["case"]["attempts"] == 0
+        assert "node stopped (SIGTERM)" in st["case"]["error"]
+        n.start()
+        n.wait_state(uid, {"done"})
+    finally:
+        n.stop()
