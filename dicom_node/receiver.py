@@ -392,7 +392,10 @@ class Receiver:
         server, self._server = self._server, None
         if ae is None or server is None:
             return
-        threads = list(ae.active_associations)
+        # Only associations that carry data are waited for: a connection that never sent an
+        # A-ASSOCIATE (a port probe, a load balancer's health check) would hold the stop for its
+        # ACSE timeout, and its (daemon) thread has nothing to finish.
+        threads = [t for t in ae.active_associations if t.is_established]
         ae.shutdown()
         deadline = time.monotonic() + timeout
         for t in threads:

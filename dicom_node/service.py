@@ -87,9 +87,9 @@ class Node:
         """Stop accepting associations, finish (or re-queue) the running case, stop the periodic passes."""
         grace = self.config.queue.shutdown_grace_seconds
         log.info("stopping: no new associations; waiting up to %g s for the running case", grace)
+        self._stop.set()  # first: no new case is claimed while the listener closes
         if self.receiver is not None:
             self.receiver.stop()
-        self._stop.set()
         if self.processor is not None and not self.processor.idle.wait(grace):
             self.processor.release_current(f"node stopped (SIGTERM) before the case finished ({grace:g} s grace)")
         if self._scheduler is not None:
