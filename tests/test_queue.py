@@ -7,6 +7,7 @@ every completion rule and lease transition is checked exactly, in milliseconds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -62,7 +63,17 @@ def _store(root: Path, src: Path) -> ReceivedInstance:
 
 @pytest.fixture
 def env(tmp_path):
-    db = open_database(f"sqlite:///{tmp_path / 'node.db'}")
+    """A fresh database: SQLite in tmp_path, or the PostgreSQL database named by NODE_TEST_DATABASE_URL
+    (emptied first; run those without -n, the tests share it)."""
+    url = os.environ.get("NODE_TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'node.db'}"
+    if url.startswith("postgresql"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url)
+        with engine.begin() as c:
+            c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+    db = open_database(url)
     yield db, tmp_path / "storage"
     db.dispose()
 
@@ -77,8 +88,9 @@ def test_schema_created_and_migrations_idempotent(env) -> None:
     db, _ = env
     assert migrate(db.engine) == SCHEMA_VERSION
     assert migrate(db.engine) == SCHEMA_VERSION
-    with db.engine.connect() as c:
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    if db.engine.dialect.name == "sqlite":
+        with db.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
 def test_index_rebuilds_the_features_scan_directory_computes(env, study_files) -> None:
