@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DICOM_NODE = [sys.executable, "-m", "dicom_node.cli"] if not (Path(sys.executable).parent / "dicom-node").exists() \
-    else [str(Path(sys.executable).parent / "dicom-node")]
+# The code under test, whatever an installed `dicom-node` script would import: `-c` puts the working
+# directory (ROOT, see cwd= below) first on sys.path.
+DICOM_NODE = [sys.executable, "-c", "from dicom_node.cli import main; main()"]
 
 
 # DCMTK keeps Nagle's algorithm on unless told: ~45 ms per DIMSE response on loopback without this.
