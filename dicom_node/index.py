@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import select, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_node.db import Database, Instance, Series, Study
@@ -76,6 +77,16 @@ class Index:
     def record(self, inst: ReceivedInstance, *, now: float | None = None) -> bool:
         """Index one stored instance; True when it is new, False for a repeat of a known SOP Instance UID."""
         now = time.time() if now is None else now
+        try:
+            return self._record(inst, now)
+        except IntegrityError:
+            # The cached series was deleted meanwhile (`dicom-node purge` runs in another process):
+            # forget it and index the instance as the first of a new series.
+            with self._lock:
+                self._series.pop(inst.series_instance_uid, None)
+            return self._record(inst, now)
+
+    def _record(self, inst: ReceivedInstance, now: float) -> bool:
         ids = self._series.get(inst.series_instance_uid)
         if ids is None:
             ids = self._create_series(inst, now)
@@ -98,11 +109,6 @@ class Index:
             log.warning("instance %s received again under another study/series; the first copy is kept "
                         "in the index", inst.sop_instance_uid)
         return False
-
-    def forget(self) -> None:
-        """Drop cached ids (after a purge removed series)."""
-        with self._lock:
-            self._series.clear()
 
     def _create_series(self, inst: ReceivedInstance, now: float) -> tuple[int, int]:
         f = inst.header.features if inst.header is not None else None

@@ -317,6 +317,18 @@ def test_reprocess_and_purge(env, study_files) -> None:
         assert s.query(Study).count() == 0 and s.query(Case).count() == 0
 
 
+def test_a_study_purged_while_the_node_runs_is_indexed_again_when_resent(env, study_files) -> None:
+    db, root = env
+    index = Index(db)  # the running node's index, with its cache of series ids
+    for f in study_files[:3]:
+        index.record(_store(root, f), now=0.0)
+    assert purge(db, root, 1, now=10 ** 10).studies  # another process purges the study
+    for f in study_files[:3]:
+        assert index.record(_store(root, f), now=10 ** 10)  # new again, under re-created rows
+    with db.session() as s:
+        assert s.query(Study).one().n_instances == 3
+
+
 def test_reindex_missing_finds_files_the_database_lost(env, study_files) -> None:
     db, root = env
     for f in study_files[:4]:
