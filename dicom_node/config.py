@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -170,8 +171,18 @@ class ModelSection(_Section):
 
 
 class WebSection(_Section):
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8080
+    # None: the dashboard and API are open (keep host on loopback then); else a shared secret they require.
+    token: SecretStr | None = None  # SecretStr: `config show` and reprs print ****
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 16:
+            raise ValueError("expected a secret of at least 16 characters, e.g. from `openssl rand -hex 16`")
+        return value
 
 
 class LoggingSection(_Section):
@@ -205,7 +216,7 @@ class NodeConfig(_Section):
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError("expected unique destination names")
-        if self.node.port == self.web.port:
+        if self.web.enabled and self.node.port == self.web.port:
             raise ValueError("expected node.port and web.port to differ")
         return self
 
@@ -244,10 +255,10 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> NodeConfig:
 
 def check_ports_free(config: NodeConfig, config_path: Path | str) -> None:
     """Fail with ``ConfigError`` if the DICOM or web port cannot be bound (checked at start-up)."""
-    for key, host, port in (
-        ("node.port", config.node.bind_address, config.node.port),
-        ("web.port", config.web.host, config.web.port),
-    ):
+    checks = [("node.port", config.node.bind_address, config.node.port)]
+    if config.web.enabled:
+        checks.append(("web.port", config.web.host, config.web.port))
+    for key, host, port in checks:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             # Like the real listener: a port in TIME_WAIT is free, one with a listener is not.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 
+from dicom_node import metrics
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.db import (
     DONE,
@@ -94,6 +95,7 @@ def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
         error = (f"destination {name!r} is no longer in the configuration" if dest is None
                  else f"no result files in {result_dir} (purged?)")
         log.error("study %s version %d: delivery to %s failed: %s", study_uid, version, name, error)
+        metrics.send_failed(name, transient=False)
     else:
         peer = Peer(dest.ae_title, dest.host, dest.port, tls=dest.tls)
         try:
@@ -105,6 +107,7 @@ def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
                      dest.ae_title, dest.host, dest.port, attempts)
         except SendError as exc:
             error = exc.reason
+            metrics.send_failed(name, transient=exc.transient)
             if exc.transient and attempts < cfg.max_attempts:
                 state = PENDING
                 next_at = time.time() + backoff_seconds(attempts, cfg.retry_initial_seconds, cfg.retry_max_seconds)

@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
 from dicom_node.db import Database, Instance, Series, Study
 from dicom_node.headers import (
     InstanceHeader,
@@ -103,6 +104,7 @@ class Index:
             if new:
                 conn.execute(_BUMP_SERIES, {"now": now, "id": series_id})
                 conn.execute(_BUMP_STUDY, {"now": now, "id": study_id})
+                metrics.instance_received()
                 return True
             known = conn.execute(select(Instance.path).where(Instance.sop_uid == inst.sop_instance_uid)).scalar()
         if known != inst.relative_path:

@@ -19,7 +19,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from dicom_node import __version__
+from dicom_node import __version__, metrics
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.queue import ClaimedCase, claim, complete, fail, release, renew
@@ -142,15 +142,18 @@ class Processor:
         except (StudyError, SeriesLoadError) as exc:
             # The study itself cannot be processed: retrying gives the same answer.
             fail(self.db, case.id, self.owner, str(exc), max_attempts=cfg.queue.max_attempts, permanent=True)
+            metrics.case_failed(permanent=True)
             log.error("case %d (study %s version %d) failed: %s", case.id, case.study_uid, case.version, exc)
             return
         except Exception as exc:  # noqa: BLE001 (a bug or resource problem: retried, up to max_attempts)
             error = f"{type(exc).__name__}: {exc}"
             state = fail(self.db, case.id, self.owner, error, max_attempts=cfg.queue.max_attempts, permanent=False)
+            metrics.case_failed(permanent=False)
             log.error("case %d (study %s version %d) attempt %d failed (%s); now %s\n%s", case.id, case.study_uid,
                       case.version, case.attempt, error, state or "lease lost", traceback.format_exc())
             return
         summary = result.summary()
+        metrics.case_finished(summary)
         rel = final.relative_to(root).as_posix()
         if complete(self.db, case.id, self.owner, rel, summary, [d.name for d in cfg.destinations]):
             log.info("case %d: study %s version %d done in %.1f s: %d lesion(s), %d >= 10 mm3; results in %s",

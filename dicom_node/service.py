@@ -3,11 +3,13 @@
 Data flow: receiver (C-STORE -> file + index) -> router (completion -> case) -> processor (case ->
 results) -> dispatcher (results -> destinations). The receiver serves on pynetdicom's threads, the
 worker has its own thread (a case may take a minute), and APScheduler runs the periodic passes
-(completion, sending, lease recovery) every ``queue.poll_seconds``.
+(completion, sending, lease recovery) every ``queue.poll_seconds``. With ``web.enabled`` the dashboard,
+JSON API and /metrics (``dicom_node/web``) are served by uvicorn on a thread, on ``web.host:web.port``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -29,6 +31,13 @@ from dicom_node.rules import load_rules
 log = logging.getLogger(__name__)
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class Node:
     """Everything ``serve`` runs; :meth:`start` returns once the node listens, :meth:`stop` is graceful."""
 
@@ -40,6 +49,8 @@ class Node:
         self._scheduler: BackgroundScheduler | None = None
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self.web = None  # dicom_node.web.WebServer when web.enabled
+        self.started = time.time()
 
     def start(self) -> None:
         cfg = self.config
@@ -62,8 +73,31 @@ class Node:
         self._worker = threading.Thread(target=self.processor.run_forever, args=(self._stop,), name="worker",
                                         daemon=True)
         self._worker.start()
+        if cfg.web.enabled:
+            self._start_web()
         log.info("node %s listening on %s:%d (pid %d), ready in %.1f s; storage %s", cfg.node.ae_title,
                  cfg.node.bind_address, self.receiver.port, os.getpid(), time.perf_counter() - t, cfg.storage.root)
+
+    def _start_web(self) -> None:
+        from dicom_node.web import WebServer, create_app
+
+        web = self.config.web
+        app = create_app(self.config, self.db, rules=self.rules, model_info=self.model_info, started=self.started)
+        self.web = WebServer(app, web.host, web.port)
+        self.web.start()
+        log.info("dashboard and API on http://%s:%d/ (%s)", web.host, web.port,
+                 "token required" if web.token else "no token")
+        if web.token is None and not _loopback(web.host):
+            log.warning("web.host %s is not a loopback address and web.token is not set: anyone who reaches "
+                        "this port can reprocess and resend studies; set web.token", web.host)
+
+    def model_info(self) -> dict | None:
+        """The loaded model for the dashboard's health (None before it is loaded)."""
+        if self.processor is None:
+            return None
+        meta = self.processor.meta
+        return {"name": meta.model_name, "version": meta.model_version, "threshold": meta.threshold,
+                "file": self.config.model.path.name, "device": self.config.model.device}
 
     def _route(self) -> None:
         try:
@@ -83,6 +117,10 @@ class Node:
         except Exception:
             log.exception("lease recovery failed; retrying on the next pass")
 
+    def case_in_flight(self) -> bool:
+        """Whether the worker thread is still running a case (after :meth:`stop` gave it back to the queue)."""
+        return self._worker is not None and self._worker.is_alive()
+
     def stop(self) -> None:
         """Stop accepting associations, finish (or re-queue) the running case, stop the periodic passes."""
         grace = self.config.queue.shutdown_grace_seconds
@@ -94,6 +132,8 @@ class Node:
             self.processor.release_current(f"node stopped (SIGTERM) before the case finished ({grace:g} s grace)")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
+        if self.web is not None:
+            self.web.stop()
         if self.db is not None:
             self.db.dispose()
         log.info("stopped")

@@ -7,8 +7,10 @@ they can be used while the node is running (another process) or stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -78,6 +80,14 @@ def serve(config: Path = ConfigOption) -> None:
         raise fail(f"the node could not start: {type(exc).__name__}: {exc}", EXIT_FAILED) from None
     stop.wait()
     node.stop()
+    if node.case_in_flight():
+        # The re-queued case's thread is still inside native code (ITK, torch); letting the interpreter
+        # tear it down aborts the process ("exception not rethrown", exit -6). Its case is already back
+        # in the queue and the database closed: leave now, with the logs flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def status(
