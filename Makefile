@@ -17,7 +17,6 @@ CONFIG ?= config/node.yaml
 MODEL_STUDIES ?= 72
 SYNTHETIC := var/synthetic/nifti
 PIP := $(VENV)/bin/pip
-DEBIAN_TOOLS := dcmtk dicom3tools
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test demo model clean help debian-tools
@@ -38,7 +37,7 @@ run: install  ## run the node on config/node.yaml (embedded defaults)
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
 debian-tools:
-	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools; do \
+	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -50,9 +49,8 @@ debian-tools:
 test: install debian-tools  ## install everything the tests need, then run them all
 	$(VENV)/bin/python -m pytest -n auto $(PYTEST_ARGS)
 
-demo: install  ## end-to-end demo (filled in by the DICOM-node and PACS issues)
-	@echo "make demo: the end-to-end demo needs the DICOM node (issue #5) and the PACS loop (issue #6); not built yet." >&2
-	@exit 3
+demo: install debian-tools  ## end-to-end demo: two synthetic studies through the node on its defaults
+	$(VENV)/bin/dicom-node demo --config $(CONFIG)
 
 $(SYNTHETIC)/.complete-$(MODEL_STUDIES):
 	$(VENV)/bin/dicom-node phantom $(SYNTHETIC) --seed 1000 --count $(MODEL_STUDIES) --format nifti --no-distractors

@@ -212,10 +212,18 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = sessionmaker(engine.execution_options(read_only=True), expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads only (status pages, polls). On SQLite it does not take the write lock, so
+        readers never delay the receiver's index (WAL lets them read while it writes)."""
+        with self._readers() as s, s.begin():
             yield s
 
     def dispose(self) -> None:
@@ -239,7 +247,8 @@ def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front (no failed lock upgrade half-way); readers do not take it.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
 def open_database(url: str, *, busy_timeout_s: float = 30.0, migrate_schema: bool = True) -> Database:

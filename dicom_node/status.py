@@ -53,7 +53,7 @@ def case_dict(case: Case, deliveries: list[Delivery]) -> dict[str, Any]:
 
 def node_status(db: Database, *, limit: int = 50, study_uid: str | None = None) -> dict[str, Any]:
     """Queue counts by state and the most recent studies (newest first) with their latest case."""
-    with db.session() as s:
+    with db.read() as s:
         counts = dict(s.execute(select(Case.state, func.count(Case.id)).group_by(Case.state)).all())
         q = select(Study).order_by(Study.last_received_at.desc()).limit(limit)
         if study_uid is not None:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,15 @@ def test_reindex_missing_finds_files_the_database_lost(env, study_files) -> None
         _store(root, f)
     assert reindex_missing(db, root) == 4
     assert reindex_missing(db, root) == 0
+
+
+def test_readers_do_not_block_the_index(env, study_files) -> None:
+    """A status poll holding a read transaction must not hold up the receiver's index (SQLite: no write lock)."""
+    db, root = env
+    with db.read() as reader:
+        assert reader.query(Study).count() == 0
+        started = time.monotonic()
+        _receive(db, root, study_files[:2], 0.0)
+        assert time.monotonic() - started < 5  # the busy timeout is 30 s: a blocked writer would wait for it
+    with db.read() as reader:
+        assert reader.query(Study).one().n_instances == 2
