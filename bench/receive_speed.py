@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback helpers the tests use
+
+from node_harness import free_port, port_open, wait_for
 
 from dicom_node.config import NodeConfig
 from dicom_node.logs import setup_logging
@@ -106,22 +108,6 @@ def study_files(work: Path, n: int) -> list[Path]:
     return files
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise RuntimeError(f"nothing listening on port {port}")
-
-
 def dcmtk_env(nagle: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TCP_NODELAY", None)
@@ -147,7 +133,7 @@ def round_storescp(folder: Path, n: int, nagle: bool) -> float:
         proc = subprocess.Popen(["storescp", "-aet", AE_TITLE, "-od", out, str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env(nagle))
         try:
-            wait_for_port(port)
+            wait_for(lambda: port_open(port), 10, f"storescp on port {port}", interval=0.02)
             elapsed = storescu(port, folder, nagle)
         finally:
             proc.terminate()

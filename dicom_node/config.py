@@ -253,23 +253,28 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> NodeConfig:
     return config.resolved(path.resolve().parent)
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why a listener could not bind ``host:port`` ("already in use", ...), or None when it could."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # Like the real listener: a port in TIME_WAIT is free, one with a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return None
+
+
 def check_ports_free(config: NodeConfig, config_path: Path | str) -> None:
     """Fail with ``ConfigError`` if the DICOM or web port cannot be bound (checked at start-up)."""
     checks = [("node.port", config.node.bind_address, config.node.port)]
     if config.web.enabled:
         checks.append(("web.port", config.web.host, config.web.port))
     for key, host, port in checks:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            # Like the real listener: a port in TIME_WAIT is free, one with a listener is not.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-                raise ConfigError(
-                    f"{config_path}: {key}: expected a free TCP port, but {host}:{port} is {reason}"
-                ) from None
+        reason = port_problem(host, port)
+        if reason is not None:
+            raise ConfigError(f"{config_path}: {key}: expected a free TCP port, but {host}:{port} is {reason}")
 
 
 def to_yaml(config: NodeConfig) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from node_harness import wait_for
+from node_harness import DCMTK_ENV, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -60,8 +60,6 @@ needs_real = pytest.mark.skipif(not (REAL / "manifest.json").is_file(), reason="
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
 
 AET = "ILD_NODE"
-# This Debian DCMTK build leaves Nagle's algorithm on unless told: 40 ms per message otherwise.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 # --------------------------------------------------------------------------- helpers

@@ -7,7 +7,6 @@ the test process. No networking is mocked. Every test uses its own ports and fol
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from node_harness import DCMTK_ENV, free_port
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
@@ -61,12 +61,6 @@ runner = CliRunner()
 # ------------------------------------------------------------------------------------ helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def closed_peer() -> Peer:
     return Peer("NOBODY", "127.0.0.1", free_port())
 
@@ -99,7 +93,7 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., tuple[Peer, Path]]]:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 # DCMTK keeps Nagle's algorithm on unless told: ~45 ms per response against our delayed ACKs
-                env={**os.environ, "TCP_NODELAY": "1"},
+                env=DCMTK_ENV,
             )
             procs.append(proc)
             if _wait_listening(port, proc):

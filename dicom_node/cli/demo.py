@@ -10,7 +10,6 @@ names are fake anyway).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import yaml
 
 from dicom_node.cli.exits import EXIT_FAILED, EXIT_USAGE, fail
 from dicom_node.cli.node import ConfigOption, load_or_exit
+from dicom_node.config import port_problem
 from dicom_node.paths import PROJECT_ROOT
 
 DEFAULT_WORK = PROJECT_ROOT / "var" / "demo"
@@ -108,18 +108,6 @@ def _describe(study: DemoStudy) -> str:
     if not study.missing:
         return "all four sequences"
     return "without " + ", ".join(study.missing)
-
-
-def _port_problem(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on (None: it can), the way the node binds it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-    return None
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -390,7 +378,7 @@ def demo(
         raise fail(f"node.port and web.port are both {node_port}: pass --port or --web-port", EXIT_USAGE)
     for what, host, p, option in (("DICOM", bind, node_port, "--port"), ("dashboard", web_host, web_port_value,
                                                                         "--web-port")):
-        problem = _port_problem(host, p)
+        problem = port_problem(host, p)
         if problem:
             raise fail(f"the demo node's {what} port {host}:{p} is {problem} (is a node running? stop it, "
                        f"or pass {option} N)", EXIT_FAILED)
