@@ -1,7 +1,6 @@
 """The ``dicom-node`` command line: one entry point, one module per subcommand group.
 
-Exit codes (all subcommands): 0 success, 1 the work failed, 2 bad usage or bad configuration,
-3 the feature is not built yet.
+Exit codes (all subcommands): 0 success, 1 the work failed, 2 bad usage or bad configuration.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from dicom_node.cli.phantom import phantom
 from dicom_node.cli.rules import app as rules_app
 from dicom_node.cli.segment import segment
 from dicom_node.cli.train import calibrate, model_card, train
+from dicom_node.cli.validate import validate
 from dicom_node.config import to_yaml
 
 app = typer.Typer(
@@ -47,6 +47,8 @@ app.command(
 app.command("train", help="Train a model (ILD or baseline) with the method's recipe and calibrate it.")(train)
 app.command("calibrate", help="Choose a model's threshold on validation cases; store per-combination figures.")(calibrate)
 app.command("model-card", help="Test-set figures of a model (and a baseline) for its model card.")(model_card)
+app.command("validate", help="Validation report on a site's own cases: every metric of the method, ROC/FROC, "
+            "model comparison; HTML + PDF + metrics.json + cases.csv.")(validate)
 app.command("serve", help="Run the node: receive studies over DICOM, process them, send SEG + SR back "
             "(until SIGTERM).")(serve)
 app.command("status", help="Show the queue and recent studies: state, roles, lesion counts, deliveries, errors.")(status)

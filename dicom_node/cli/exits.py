@@ -6,7 +6,6 @@ import typer
 
 EXIT_FAILED = 1  # the work failed (bad input data, missing model, ...)
 EXIT_USAGE = 2  # bad usage, invalid config or rules file
-EXIT_NOT_BUILT = 3  # the feature is not built yet
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
