@@ -119,6 +119,7 @@ class StorageSection(_Section):
 
 class DatabaseSection(_Section):
     url: str = "sqlite:///../var/node.db"
+    busy_timeout_seconds: float = Field(default=30.0, gt=0)
 
     @field_validator("url")
     @classmethod

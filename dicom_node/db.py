@@ -12,10 +12,12 @@ compare with ``time.time()``.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy import (
     Boolean,
@@ -31,6 +33,7 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -251,9 +254,46 @@ def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
+T = TypeVar("T")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a database error may go away by itself: SQLite busy/locked past the busy timeout, or a
+    PostgreSQL connection lost (server restarted, network cut) or refused while the server starts."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    if isinstance(exc.orig, sqlite3.OperationalError):  # also "no such table", "disk I/O error": not transient
+        return "locked" in str(exc.orig) or "busy" in str(exc.orig)
+    return True  # PostgreSQL: connection refused or closed, server shutting down, deadlock, lock timeout
+
+
+def retry_transient(fn: Callable[[], T], what: str, *, attempts: int = 6, first_wait_s: float = 0.2) -> T:
+    """Run ``fn`` (one whole transaction) again after a transient database error, waiting 0.2, 0.4, 0.8 ...
+    seconds (about 6 s over 6 attempts); other errors, and the last transient one, propagate.
+
+    Only for transactions that are safe to repeat: each queue transition is one conditional UPDATE, so
+    a repeat after a commit whose answer was lost finds the row already moved and changes nothing."""
+    wait = first_wait_s
+    for attempt in range(1, attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            log.warning("database busy or unreachable during %s (attempt %d/%d, retry in %.1f s): %s", what,
+                        attempt, attempts, wait, str(exc).splitlines()[0])
+            time.sleep(wait)
+            wait *= 2
+    return fn()
+
+
 def open_database(url: str, *, busy_timeout_s: float = 30.0, migrate_schema: bool = True) -> Database:
     """Open (and create or migrate) the database at a SQLAlchemy URL (``sqlite:///FILE`` or ``postgresql://``).
 
+    ``busy_timeout_s``: how long a SQLite writer waits for another process's write lock, and how long a
+    PostgreSQL connection attempt may take, before the operation fails (the caller retries or refuses).
     SQLite files are created with their folder; the node's umask keeps them private (see README).
     """
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
@@ -264,7 +304,9 @@ def open_database(url: str, *, busy_timeout_s: float = 30.0, migrate_schema: boo
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s})
         _sqlite_pragmas(engine, int(busy_timeout_s * 1000))
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        # pool_pre_ping: a connection the server dropped (restart) is replaced at checkout, not used.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8,
+                               connect_args={"connect_timeout": max(1, int(busy_timeout_s))})
     if migrate_schema:
         started = time.monotonic()
         while True:

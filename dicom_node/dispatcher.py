@@ -7,12 +7,18 @@ doubling up to ``send.retry_max_seconds``, at most ``send.max_attempts`` times. 
 would only repeat it. A case becomes ``sent`` when every destination has its results. The SEG and
 SR keep their SOP Instance UIDs across retries, so a PACS that got them before a lost answer
 stores them once.
+
+Deliveries are claimed one at a time (state 'sending' with a lease of ``LEASE_SECONDS``, renewed
+while the send runs). A node killed mid-send leaves its delivery 'sending'; once the lease runs out
+it is due again and sent whole: delivery is at-least-once, and what the PACS got before the crash
+arrives a second time with the same SOP Instance UIDs (tests/test_faults.py counts how often).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +41,10 @@ from dicom_node.scu import Peer, SendError, client_ssl_context, send_files
 
 log = logging.getLogger(__name__)
 
+#: Seconds a claimed delivery stays 'sending' without renewal; renewed every third of it while the send
+#: runs (however long the peer takes), so a killed sender's delivery is due again within this.
+LEASE_SECONDS = 15.0
+
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Wait before retry number ``attempts`` (1 = first retry): initial * 2^(attempts-1), capped."""
@@ -56,19 +66,46 @@ def result_files(storage_root: Path, result_dir: str) -> list[Path]:
     return [p for p in (folder / "seg.dcm", folder / "sr.dcm") if p.is_file()]
 
 
-def _claim_due(db: Database, lease_seconds: float, now: float) -> list[int]:
+def _claim_next(db: Database, now: float, tried: set[int]) -> int | None:
+    """Claim the delivery due longest, not in ``tried`` (state 'sending', leased); None when none is due.
+
+    One at a time: a claimed delivery's lease is only renewed while it is being sent."""
     with db.session() as s:
-        # A sender that died mid-send leaves 'sending' behind: its lease expiry makes it due again.
+        # A sender that died mid-send (kill -9, power cut) leaves 'sending' behind: its lease, no longer
+        # renewed, expires within LEASE_SECONDS and the delivery is due again.
         s.execute(update(Delivery).where(Delivery.state == SENDING, Delivery.lease_expires_at < now)
                   .values(state=PENDING, updated_at=now))
-        due = s.execute(select(Delivery.id).where(Delivery.state == PENDING, Delivery.next_attempt_at <= now)
+        due = s.execute(select(Delivery.id).where(Delivery.state == PENDING, Delivery.next_attempt_at <= now,
+                                                  Delivery.id.not_in(tried))
                         .order_by(Delivery.next_attempt_at, Delivery.id)).scalars().all()
-        won = []
         for did in due:
             if s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == PENDING).values(
-                    state=SENDING, lease_expires_at=now + lease_seconds, updated_at=now)).rowcount:
-                won.append(did)
-        return won
+                    state=SENDING, lease_expires_at=time.time() + LEASE_SECONDS, updated_at=now)).rowcount:
+                return did
+        return None
+
+
+def _keep_lease(db: Database, delivery_id: int, stop: threading.Event) -> None:
+    """Renew a claimed delivery's lease every third of LEASE_SECONDS until ``stop`` is set.
+
+    The expiry time set by the last renewal is the holder's token: a renewal only succeeds while the row
+    still carries it, so a sender whose lease was taken over (another node process) stops renewing."""
+    with db.read() as s:
+        token = s.execute(select(Delivery.lease_expires_at).where(Delivery.id == delivery_id)).scalar_one()
+    while not stop.wait(LEASE_SECONDS / 3):
+        new = time.time() + LEASE_SECONDS
+        try:
+            with db.session() as s:
+                held = s.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.state == SENDING,
+                                                        Delivery.lease_expires_at == token)
+                                 .values(lease_expires_at=new)).rowcount
+        except Exception:  # the database busy for a moment: the lease still has two thirds left
+            log.exception("delivery %d: could not renew the lease; retrying", delivery_id)
+            continue
+        if not held:
+            log.warning("delivery %d: lease lost (another sender may send it too)", delivery_id)
+            return
+        token = new
 
 
 def _finish_case_if_sent(db: Database, case_id: int, now: float) -> None:
@@ -98,6 +135,10 @@ def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
         metrics.send_failed(name, transient=False)
     else:
         peer = Peer(dest.ae_title, dest.host, dest.port, tls=dest.tls)
+        stop_renewing = threading.Event()
+        renewer = threading.Thread(target=_keep_lease, args=(db, delivery_id, stop_renewing), daemon=True,
+                                   name=f"delivery-lease-{delivery_id}")
+        renewer.start()
         try:
             report = send_files(files, peer, calling_ae=config.node.ae_title, timeout=cfg.timeout_seconds,
                                 ssl_context=destination_ssl_context(config) if dest.tls else None)
@@ -117,6 +158,9 @@ def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
                 why = "permanent refusal" if not exc.transient else f"{attempts} attempts"
                 log.error("study %s version %d: sending to %s failed for good (%s): %s", study_uid, version, name,
                           why, error)
+        finally:
+            stop_renewing.set()
+            renewer.join()
     with db.session() as s:
         s.execute(update(Delivery).where(Delivery.id == delivery_id).values(
             state=state, attempts=attempts, last_error=error, sent_at=sent_at, next_attempt_at=next_at,
@@ -129,11 +173,11 @@ def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
 def dispatch_due(db: Database, config: NodeConfig, *, now: float | None = None) -> int:
     """Send every delivery that is due; returns how many were attempted."""
     now = time.time() if now is None else now
-    # The lease outlives one send attempt (connect + associate + two C-STOREs, each bounded by the timeout).
-    ids = _claim_due(db, lease_seconds=4 * config.send.timeout_seconds + 60, now=now)
-    for did in ids:
+    tried: set[int] = set()  # each delivery once per pass, whatever its retry time
+    while (did := _claim_next(db, now, tried)) is not None:
+        tried.add(did)
         deliver_one(db, config, did)
-    return len(ids)
+    return len(tried)
 
 
 def resend(db: Database, config: NodeConfig, study_uid: str, *, now: float | None = None) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ _PLANE_COSINE = math.cos(math.radians(35.0))
 
 _GE_ACQU_CREATOR = "GEMS_ACQU_01"
 _PHILIPS_IMAGING_CREATOR = "Philips Imaging DD 001"
+
+# What pydicom raises converting a malformed raw value (an IS of "INF" overflows int(), an unknown VR
+# is NotImplementedError, an unknown character set a LookupError, an FD of 2 bytes BytesLengthException):
+# such a header is malformed, not a crash.
+_VALUE_ERRORS = (ValueError, TypeError, AttributeError, LookupError, ArithmeticError, NotImplementedError,
+                 BytesLengthException)
 
 # Values technologists or scanners put in ContrastBolusAgent that mean "no agent".
 _NO_AGENT_VALUES = frozenset({"", "NONE", "NO", "N/A", "NA", "0", "-", "NIL", "NULL", "UNKNOWN"})
@@ -219,10 +225,14 @@ def _read_instance(path: str) -> InstanceHeader | None:
         return None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=reason is not None)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except (InvalidDicomError, OSError, EOFError, *_VALUE_ERRORS) as exc:
         log.debug("skip %s: not DICOM (%s)", path, type(exc).__name__)
         return None
-    sop_class = str(ds.get("SOPClassUID", "") or "")
+    try:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+    except _VALUE_ERRORS as exc:
+        log.debug("skip %s: unreadable SOPClassUID (%s)", path, type(exc).__name__)
+        return None
     if reason is not None and not sop_class:
         # A forced parse of random bytes "succeeds" with garbage; require the basic identity.
         log.debug("skip %s: no DICM preamble and no SOPClassUID", path)
@@ -251,10 +261,14 @@ def instance_header_from_dataset(ds: Dataset, path: str, series: SeriesFeatures 
     a short reason when the dataset cannot be used as an instance: a DICOMDIR, no SeriesInstanceUID,
     or (:class:`MalformedHeaderError`) values that cannot be read into features.
     """
-    sop_class = str(ds.get("SOPClassUID", "") or "")
-    if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+    try:
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        is_dicomdir = sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    except _VALUE_ERRORS as exc:
+        raise MalformedHeaderError(f"malformed header ({type(exc).__name__}: {exc})") from exc
+    if is_dicomdir:
         raise ValueError("DICOMDIR")
-    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not series_uid:
         raise ValueError("no SeriesInstanceUID")
     try:
@@ -274,14 +288,16 @@ def instance_header_from_dataset(ds: Dataset, path: str, series: SeriesFeatures 
                 orientation=_plane(geometry.orientations[0]) if geometry.orientations else "",
                 source=(path,),
             )
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        instance_number = _int(ds.get("InstanceNumber"))
+    except _VALUE_ERRORS as exc:
         raise MalformedHeaderError(f"malformed header ({type(exc).__name__}: {exc})") from exc
     return InstanceHeader(
         path=path,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        sop_instance_uid=sop_uid,
         study_instance_uid=features.study_instance_uid,
         series_instance_uid=series_uid,
-        instance_number=_int(ds.get("InstanceNumber")),
+        instance_number=instance_number,
         positions=geometry.positions,
         orientations=geometry.orientations,
         features=features,

@@ -139,14 +139,16 @@ class Index:
 def study_series(session: Session, study_id: int, *, series_ids: set[int] | None = None) -> list[SeriesFeatures]:
     """The study's series as the rules see them (``source`` = instance paths relative to storage.root).
 
-    Series whose instances carry no readable features are left out (they cannot get a role).
+    Series whose instances carry no readable features are left out (they cannot get a role), and so
+    are instances of another SOP class than their series (an SR inside an MR series has no slice).
     """
     out: list[InstanceHeader] = []
     rows = session.execute(
         select(Series.id, Series.series_uid, Series.features, Instance.sop_uid, Instance.path,
                Instance.instance_number, Instance.geometry)
         .join(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study_id, Series.features.is_not(None), Instance.geometry.is_not(None))
+        .where(Series.study_id == study_id, Series.features.is_not(None), Instance.geometry.is_not(None),
+               Instance.sop_class_uid == Series.sop_class_uid)
         .order_by(Instance.id)
     ).all()
     base: dict[int, SeriesFeatures] = {}

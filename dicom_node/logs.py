@@ -90,6 +90,19 @@ def install_filters() -> None:
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was at set-up: a command run
+    in-process (tests, typer's runner) swaps stderr and closes its stand-in afterwards."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(level: str, stream: TextIO | None = None) -> None:
     """Configure the root logger: ``LOG_FORMAT`` to ``stream`` (stderr) at ``level``.
 
@@ -108,7 +121,7 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
         if getattr(h, "_dicom_node", False):
             root.removeHandler(h)
             h.close()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     # The same filters on the handler cover loggers created after this call.
     handler.addFilter(_PYNETDICOM_FILTER)

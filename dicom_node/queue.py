@@ -2,7 +2,9 @@
 
 Every transition is one conditional UPDATE (``... WHERE state = 'queued'``, ``... WHERE lease_owner =
 me``) whose row count says whether this worker won: correct with several worker threads,
-processes or hosts on one PostgreSQL database, and with SQLite's single writer.
+processes or hosts on one PostgreSQL database, and with SQLite's single writer. Each transition is
+retried after a transient database error (:func:`~dicom_node.db.retry_transient`: SQLite locked by another
+process past its busy timeout, PostgreSQL restarted): repeating a conditional UPDATE is harmless.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dicom_node.db import (
     Database,
     Delivery,
     Study,
+    retry_transient,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ class ClaimedCase:
 
 def claim(db: Database, owner: str, lease_seconds: float, *, now: float | None = None) -> ClaimedCase | None:
     """Take the oldest queued case (state -> running, attempts + 1, lease until now + lease_seconds)."""
+    return retry_transient(lambda: _claim(db, owner, lease_seconds, now), "claim")
+
+
+def _claim(db: Database, owner: str, lease_seconds: float, now: float | None) -> ClaimedCase | None:
     for _ in range(5):  # another worker may win the race for the same row; try the next one
         now = time.time() if now is None else now
         with db.session() as s:
@@ -64,51 +71,66 @@ def claim(db: Database, owner: str, lease_seconds: float, *, now: float | None =
 
 def renew(db: Database, case_id: int, owner: str, lease_seconds: float) -> bool:
     """Extend the lease; False when this worker no longer holds it (it expired and the case was re-queued)."""
-    now = time.time()
-    with db.session() as s:
-        return bool(s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
-                              .values(lease_expires_at=now + lease_seconds, updated_at=now)).rowcount)
+    def txn() -> bool:
+        now = time.time()
+        with db.session() as s:
+            return bool(s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING,
+                                                     Case.lease_owner == owner)
+                                  .values(lease_expires_at=now + lease_seconds, updated_at=now)).rowcount)
+
+    return retry_transient(txn, f"lease renewal of case {case_id}")
 
 
 def complete(db: Database, case_id: int, owner: str, result_dir: str, summary: dict[str, Any],
              destinations: list[str]) -> bool:
     """Record success: state done, results, and one pending delivery per destination (same transaction)."""
-    now = time.time()
-    with db.session() as s:
-        won = s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
-                        .values(state=DONE, result_dir=result_dir, summary=json.dumps(summary), reason="",
-                                finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None)).rowcount
-        if not won:
-            return False
-        for name in destinations:
-            s.add(Delivery(case_id=case_id, destination=name, state=PENDING, attempts=0, next_attempt_at=now,
-                           updated_at=now))
-    return True
+    def txn() -> bool:
+        now = time.time()
+        with db.session() as s:
+            won = s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
+                            .values(state=DONE, result_dir=result_dir, summary=json.dumps(summary), reason="",
+                                    finished_at=now, updated_at=now, lease_owner=None,
+                                    lease_expires_at=None)).rowcount
+            if not won:
+                return False
+            for name in destinations:
+                s.add(Delivery(case_id=case_id, destination=name, state=PENDING, attempts=0, next_attempt_at=now,
+                               updated_at=now))
+        return True
+
+    return retry_transient(txn, f"completion of case {case_id}")
 
 
 def fail(db: Database, case_id: int, owner: str, error: str, *, max_attempts: int, permanent: bool) -> str:
     """Record a failed attempt: re-queued, or failed for good when ``permanent`` or out of attempts.
     Returns the new state ('' when the lease was lost meanwhile)."""
-    now = time.time()
-    with db.session() as s:
-        case = s.get(Case, case_id)
-        if case is None or case.state != RUNNING or case.lease_owner != owner:
-            return ""
-        state = FAILED if permanent or case.attempts >= max_attempts else QUEUED
-        case.state, case.reason, case.updated_at = state, error, now
-        case.lease_owner = case.lease_expires_at = None
-        if state == FAILED:
-            case.finished_at = now
-    return state
+    def txn() -> str:
+        now = time.time()
+        with db.session() as s:
+            case = s.get(Case, case_id)
+            if case is None or case.state != RUNNING or case.lease_owner != owner:
+                return ""
+            state = FAILED if permanent or case.attempts >= max_attempts else QUEUED
+            case.state, case.reason, case.updated_at = state, error, now
+            case.lease_owner = case.lease_expires_at = None
+            if state == FAILED:
+                case.finished_at = now
+        return state
+
+    return retry_transient(txn, f"failure of case {case_id}")
 
 
 def release(db: Database, case_id: int, owner: str, why: str) -> bool:
     """Give a running case back to the queue without counting the attempt (graceful shutdown)."""
-    now = time.time()
-    with db.session() as s:
-        return bool(s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
-                              .values(state=QUEUED, attempts=Case.attempts - 1, reason=why, lease_owner=None,
-                                      lease_expires_at=None, started_at=None, updated_at=now)).rowcount)
+    def txn() -> bool:
+        now = time.time()
+        with db.session() as s:
+            return bool(s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING,
+                                                     Case.lease_owner == owner)
+                                  .values(state=QUEUED, attempts=Case.attempts - 1, reason=why, lease_owner=None,
+                                          lease_expires_at=None, started_at=None, updated_at=now)).rowcount)
+
+    return retry_transient(txn, f"release of case {case_id}")
 
 
 def recover_expired(db: Database, max_attempts: int, *, now: float | None = None) -> int:

@@ -2,11 +2,15 @@
 
 One :class:`Receiver` runs a pynetdicom server in background threads. For every C-STORE it
 
-1. reads the header of the received bytes (up to the pixel data, never decoding pixels) and checks
-   that its SOPClassUID / SOPInstanceUID agree with the request (else ``0xA900``) and that its
-   Study / Series / SOP Instance UIDs are valid UIDs (else ``0xC212``; unparseable bytes ``0xC210``);
-2. refuses with ``0xA700`` (out of resources) when the storage root has less than
+1. refuses with ``0xA700`` (out of resources) when the storage root has less than
    ``storage.min_free_gb`` free;
+2. reads the header of the received bytes (up to the pixel data, never decoding pixels) and checks
+   that its SOPClassUID / SOPInstanceUID agree with the request (else ``0xA900``), that its
+   Study / Series / SOP Instance UIDs are valid UIDs (else ``0xC212``; unparseable bytes ``0xC210``),
+   that it is consistent (:func:`content_problem`: no value shorter than its length field, known
+   VRs, pixel data of the length Rows x Columns x frames x samples x bits say; else ``0xC213``) and
+   that its PatientID is the one already received for its StudyInstanceUID (else ``0xA900``);
+   each of these refusals keeps the bytes in quarantine (:func:`~dicom_node.storage.quarantine`);
 3. writes the bytes as they came (preamble + File Meta Information + the dataset exactly as
    encoded by the peer) to ``<root>/incoming/<study>/<series>/<sop>.dcm`` with
    :func:`~dicom_node.storage.write_durably` (``0xA700`` if that fails);
@@ -20,11 +24,18 @@ Status codes (all failures carry a short ErrorComment without patient data):
 ======  ==============================================================================
 0x0000  success
 0xA700  out of resources: disk below ``min_free_gb``, write failed, or the sink failed
-0xA900  dataset does not match the request (SOPClassUID or SOPInstanceUID differ)
+0xA900  dataset does not match the request (SOPClassUID or SOPInstanceUID differ), or its
+        StudyInstanceUID was received before for another PatientID
 0xC210  cannot understand: the dataset cannot be parsed
 0xC211  cannot understand: unexpected error in the receiver (logged with a traceback)
 0xC212  cannot understand: a Study/Series/SOP Instance UID is missing or invalid
+0xC213  cannot understand: the dataset is inconsistent (truncated, unknown VR, wrong pixel data length)
 ======  ==============================================================================
+
+Refusals for the content (0xA900, 0xC210, 0xC212, 0xC213) are failures, not "success, quarantined":
+the sending PACS shows the error to its administrator at once, and the bytes are kept under
+``<storage.root>/quarantine/`` with the reason for them to inspect. A PACS that retries overwrites
+the same quarantine entry (named by content hash).
 
 Threading: pynetdicom runs one thread per association, so ``on_instance`` is called
 concurrently from several threads (at most ``node.max_associations``) and must be thread-safe.
@@ -34,8 +45,11 @@ Calls for one association are sequential, in the order the peer sent the instanc
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import io
 import logging
+import secrets
 import ssl
 import struct
 import threading
@@ -46,9 +60,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 from pynetdicom import (
     AE,
     PYNETDICOM_IMPLEMENTATION_UID,
@@ -71,11 +88,13 @@ from dicom_node.headers import (
 )
 from dicom_node.logs import install_filters
 from dicom_node.storage import (
+    INCOMING,
     UIDError,
     check_uid,
     free_gb,
-    has_room,
     instance_path,
+    quarantine,
+    valid_uid,
     write_durably,
 )
 
@@ -91,6 +110,9 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_INTERNAL_ERROR = 0xC211
 STATUS_INVALID_UID = 0xC212
+STATUS_INCONSISTENT = 0xC213
+# Refusals for what the bytes hold (not for the node's state): their bytes go to quarantine.
+_CONTENT_STATUSES = frozenset({STATUS_DATASET_MISMATCH, STATUS_CANNOT_PARSE, STATUS_INVALID_UID, STATUS_INCONSISTENT})
 
 # Uncompressed first: an SCU proposing several syntaxes in one context gets its own first choice
 # that we support (pynetdicom keeps the requestor's order).
@@ -121,6 +143,8 @@ _COMMENT_MAX = 64
 _UNROUTED_MEMORY = 4096
 # Series whose features are kept for their next instances (cleared when full: a cheap bound).
 _SERIES_FEATURES_CACHED = 1024
+# Studies whose patient fingerprint is remembered (oldest forgotten first; re-read from disk when needed).
+_STUDY_PATIENTS_CACHED = 4096
 # Received PDUs up to this size; larger PDUs mean fewer trips through pynetdicom's reactor.
 MAX_PDU_SIZE = 1 << 20
 
@@ -255,17 +279,28 @@ def _sop_class_name(uid: str) -> str:
 # --------------------------------------------------------------------------- bytes
 
 
-_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float / Double Float Pixel Data
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({_PIXEL_DATA, 0x7FE00008, 0x7FE00009})  # Pixel Data, Float / Double Float Pixel Data
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
 
 
-def _at_pixels(tag: Any, vr: Any, length: Any) -> bool:
-    return tag in _PIXEL_TAGS
+@dataclass(frozen=True)
+class EncodedHeader:
+    """A received dataset read up to its pixel data, with what :func:`content_problem` needs of the rest."""
+
+    dataset: Dataset  # the elements before the pixel data, values still raw
+    pixel_tag: int | None  # the pixel data element the read stopped at; None when there is none
+    pixel_length: int  # its length field in bytes (0xFFFFFFFF: undefined, i.e. encapsulated); 0 without one
+    pixel_available: int  # bytes of the stream after that element's header (what the peer really sent)
 
 
-def read_header(stream: bytes, transfer_syntax: str) -> Dataset:
+def read_header(stream: bytes, transfer_syntax: str) -> EncodedHeader:
     """Parse an encoded dataset (no File Meta) up to its pixel data, in ``transfer_syntax``.
 
     Values stay raw until read, so pixel data is never decoded and unused elements cost little.
+    Raises ValueError (unknown transfer syntax, empty dataset) or whatever pydicom or zlib raise
+    on bytes that do not parse.
     """
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
@@ -275,10 +310,80 @@ def read_header(stream: bytes, transfer_syntax: str) -> Dataset:
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
     else:
         raise ValueError("unknown transfer syntax")
-    ds = read_dataset(io.BytesIO(stream), implicit, little, stop_when=_at_pixels)
+    pixels: list[tuple[int, str | None, int]] = []
+
+    def at_pixels(tag: Any, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            pixels.append((int(tag), vr, length))
+            return True
+        return False
+
+    fp = io.BytesIO(stream)
+    ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
     if not len(ds):
         raise ValueError("empty dataset")
-    return ds
+    if not pixels:
+        return EncodedHeader(ds, None, 0, 0)
+    tag, vr, length = pixels[-1]
+    # pydicom rewinds to the element's start; its header is 8 bytes, 12 for explicit OB/OW/OF/OD/UN.
+    header = 8 if implicit or vr not in ("OB", "OW", "OF", "OD", "OL", "OV", "UN") else 12
+    return EncodedHeader(ds, tag, length, len(stream) - fp.tell() - header)
+
+
+def _count(ds: Dataset, keyword: str) -> int | None:
+    """A non-negative integer attribute, None when absent or unreadable (bad VR, not a number)."""
+    try:
+        value = ds.get(keyword)
+        number = int(value) if value is not None and value != "" else None
+    except Exception:  # noqa: BLE001 - any unreadable value is "unknown" here
+        return None
+    return number if number is not None and number >= 0 else None
+
+
+def expected_pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes of native (uncompressed) Pixel Data that Rows x Columns x frames x samples x BitsAllocated
+    need (1-bit data packed, rounded up), without the padding byte to an even length; None when any
+    of them is missing or unreadable."""
+    dims = [_count(ds, k) for k in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
+    frames = _count(ds, "NumberOfFrames") if "NumberOfFrames" in ds else 1
+    if frames is None or any(d is None for d in dims):
+        return None
+    rows, columns, samples, bits = (int(d) for d in dims)  # type: ignore[arg-type]
+    return (rows * columns * samples * max(frames, 1) * bits + 7) // 8
+
+
+def content_problem(header: EncodedHeader, transfer_syntax: str, routable: bool) -> str | None:
+    """Why a parsed dataset is inconsistent, in one line naming tags but never values; None when it is fine.
+
+    Cheap checks on what the header read already has: an element shorter than its length field (a
+    truncated stream, or a hostile length such as 0xFFFFFFF0), an unknown VR, a pixel data element
+    cut short, an image (``routable``) without pixel data, and uncompressed pixel data whose length
+    differs from Rows x Columns x frames x samples x BitsAllocated.
+    """
+    ds = header.dataset
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement):
+            continue  # sequences are parsed eagerly: a truncated one fails the read itself
+        if raw.VR is not None and raw.VR not in _KNOWN_VRS:
+            return f"unknown VR {raw.VR[:2]!r} in element {tag}"
+        if raw.length != _UNDEFINED_LENGTH and raw.value is not None and len(raw.value) < raw.length:
+            return f"truncated: element {tag} holds {len(raw.value)} of the {raw.length} bytes its length says"
+    if header.pixel_tag is None:
+        return "image without pixel data" if routable else None
+    if header.pixel_length != _UNDEFINED_LENGTH and header.pixel_available < header.pixel_length:
+        return f"truncated pixel data: {max(0, header.pixel_available)} of {header.pixel_length} bytes"
+    if header.pixel_tag != _PIXEL_DATA or UID(transfer_syntax).is_compressed:
+        return None
+    if header.pixel_length == _UNDEFINED_LENGTH:
+        return "encapsulated pixel data in an uncompressed transfer syntax"
+    expected = expected_pixel_bytes(ds)
+    if expected is None:
+        return "pixel data without readable Rows, Columns, SamplesPerPixel or BitsAllocated"
+    if header.pixel_length not in (expected, expected + (expected & 1)):
+        return (f"pixel data of {header.pixel_length} bytes, Rows x Columns x frames x samples x bits "
+                f"need {expected}")
+    return None
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -315,8 +420,11 @@ def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_a
 class Receiver:
     """The node's Storage SCP (see the module docstring)."""
 
-    def __init__(self, config: NodeConfig, on_instance: Callable[[ReceivedInstance], None]) -> None:
+    def __init__(self, config: NodeConfig, on_instance: Callable[[ReceivedInstance], None], *,
+                 free_space: Callable[[Path], float] = free_gb) -> None:
+        """``free_space``: GB free on the filesystem of a path (tests inject a low disk)."""
         self._config = config
+        self._free_space = free_space
         self._on_instance = on_instance
         self._root = Path(config.storage.root).absolute()
         self._min_free_gb = config.storage.min_free_gb
@@ -330,6 +438,10 @@ class Receiver:
         self._unrouted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._series_features: dict[str, SeriesFeatures] = {}
         self._counts: dict[int, list[int]] = {}
+        # StudyInstanceUID -> keyed hash of its PatientID. The key lives only in this process, so
+        # nothing here can be turned back into a patient identifier.
+        self._patient_key = secrets.token_bytes(32)
+        self._study_patients: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -493,14 +605,17 @@ class Receiver:
     def _handle_store(self, event: evt.Event) -> int | Dataset:
         request = event.request
         sop_uid = _uid_str(getattr(request, "AffectedSOPInstanceUID", ""))
+        # A UID that is not one may carry anything (a name, a path): it is never logged.
+        shown = sop_uid if valid_uid(sop_uid) else "(invalid UID)"
         try:
             status, comment = self._store(event, request, sop_uid)
         except _Refusal as r:
             status, comment = r.status, r.comment
-            log.log(r.level, "refused SOP instance %s (0x%04X): %s", sop_uid or "?", status, comment)
+            kept = self._quarantine(event, status, comment) if status in _CONTENT_STATUSES else ""
+            log.log(r.level, "refused SOP instance %s (0x%04X): %s%s", shown, status, comment, kept)
         except Exception:
             status, comment = STATUS_INTERNAL_ERROR, "internal error in the receiver"
-            log.exception("refused SOP instance %s (0x%04X): unexpected error", sop_uid or "?", status)
+            log.exception("refused SOP instance %s (0x%04X): unexpected error", shown, status)
         self._count(event, status == STATUS_SUCCESS)
         if status == STATUS_SUCCESS:
             return STATUS_SUCCESS
@@ -515,9 +630,18 @@ class Receiver:
         stream = request.DataSet.getvalue()
         calling_ae = event.assoc.requestor.ae_title
 
-        # (1) the header, up to the pixel data
+        # (1) room on disk (first: a refused instance must not fill the quarantine either)
+        free = self._free_space(self._root)
+        if free < self._min_free_gb:
+            raise _Refusal(
+                STATUS_OUT_OF_RESOURCES,
+                f"out of resources: {free:.2f} GB free, storage.min_free_gb is {self._min_free_gb:g}",
+            )
+
+        # (2) the header, up to the pixel data, and its consistency
         try:
-            ds = read_header(stream, transfer_syntax)
+            header = read_header(stream, transfer_syntax)
+            ds = header.dataset
             ds_sop_class = _uid_str(ds.get("SOPClassUID"))
             ds_sop_uid = _uid_str(ds.get("SOPInstanceUID"))
             study_uid = _uid_str(ds.get("StudyInstanceUID"))
@@ -534,14 +658,11 @@ class Receiver:
             path = instance_path(self._root, study_uid, series_uid, sop_uid)
         except UIDError as exc:
             raise _Refusal(STATUS_INVALID_UID, str(exc)) from None
-
-        # (2) room on disk
-        if not has_room(self._root, self._min_free_gb):
-            raise _Refusal(
-                STATUS_OUT_OF_RESOURCES,
-                f"out of resources: {free_gb(self._root):.2f} GB free, "
-                f"storage.min_free_gb is {self._min_free_gb:g}",
-            )
+        routable = sop_class in ROUTABLE_SOP_CLASSES
+        problem = content_problem(header, transfer_syntax, routable)
+        if problem is not None:
+            raise _Refusal(STATUS_INCONSISTENT, problem)
+        self._check_patient(study_uid, ds)
 
         # (3) the bytes as they came (with a File Meta Information header), durably
         data = file_meta_bytes(sop_class, sop_uid, transfer_syntax, calling_ae) + stream
@@ -554,8 +675,7 @@ class Receiver:
             ) from None
 
         # (4) the sink
-        routable = sop_class in ROUTABLE_SOP_CLASSES
-        header = self._header(ds, path, sop_uid, series_uid)
+        features = self._header(ds, path, sop_uid, series_uid)
         if not routable:
             self._note_unrouted(series_uid, sop_class)
         instance = ReceivedInstance(
@@ -570,7 +690,7 @@ class Receiver:
             calling_ae_title=calling_ae,
             peer_address=event.assoc.requestor.address,
             routable=routable,
-            header=header,
+            header=features,
         )
         try:
             self._on_instance(instance)
@@ -603,6 +723,68 @@ class Receiver:
             log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid,
                      type(exc).__name__)
         return None
+
+    def _quarantine(self, event: evt.Event, status: int, comment: str) -> str:
+        """Keep a refused instance's bytes with the reason; returns " (kept in quarantine/...)" for the log."""
+        request = event.request
+        stream = request.DataSet.getvalue()
+        if not stream:
+            return ""
+        sop_class = _uid_str(getattr(request, "AffectedSOPClassUID", ""))
+        sop_uid = _uid_str(getattr(request, "AffectedSOPInstanceUID", ""))
+        transfer_syntax = str(event.context.transfer_syntax)
+        calling_ae = event.assoc.requestor.ae_title
+        uids = {k: v for k, v in (("sop_class_uid", sop_class), ("sop_instance_uid", sop_uid),
+                                  ("transfer_syntax_uid", transfer_syntax)) if valid_uid(v)}
+        reason = {"status": f"0x{status:04X}", "reason": comment, "calling_ae_title": calling_ae,
+                  "peer_address": event.assoc.requestor.address, **uids}
+        data = file_meta_bytes(uids.get("sop_class_uid", ""), uids.get("sop_instance_uid", ""),
+                               uids.get("transfer_syntax_uid", ""), calling_ae) + stream
+        try:
+            path = quarantine(self._root, data, reason)
+        except OSError as exc:
+            log.error("could not quarantine a refused instance: %s", exc.strerror or exc)
+            return ""
+        return f" (kept in {path.relative_to(self._root).as_posix()})"
+
+    def _patient_of(self, ds: Dataset) -> bytes | None:
+        try:
+            patient_id = str(ds.get("PatientID", "") or "").strip(" \x00")
+        except Exception:  # noqa: BLE001 - an unreadable PatientID cannot be compared
+            return None
+        if not patient_id:
+            return None
+        return hmac.new(self._patient_key, patient_id.encode("utf-8", "replace"), hashlib.sha256).digest()
+
+    def _stored_patient(self, study_uid: str) -> bytes | None:
+        """The patient of an instance of ``study_uid`` already on disk (after a restart the memory is empty)."""
+        for path in (self._root / INCOMING / study_uid).glob("*/*.dcm"):
+            try:
+                return self._patient_of(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]))
+            except Exception as exc:  # noqa: BLE001 - an unreadable file says nothing about the patient
+                log.debug("study %s: %s unreadable (%s)", study_uid, path.name, type(exc).__name__)
+        return None
+
+    def _check_patient(self, study_uid: str, ds: Dataset) -> None:
+        """Refuse an instance whose PatientID differs from the one its StudyInstanceUID came with first.
+
+        One study, one patient: a result computed on a study that mixes patients would be filed
+        under one of them. The first patient's instances are kept; the others are refused (0xA900)
+        so that the sending PACS shows the collision.
+        """
+        mine = self._patient_of(ds)
+        if mine is None:
+            return
+        with self._lock:
+            known = self._study_patients.get(study_uid)
+        if known is None:
+            stored = self._stored_patient(study_uid)
+            with self._lock:
+                known = self._study_patients.setdefault(study_uid, stored or mine)
+                if len(self._study_patients) > _STUDY_PATIENTS_CACHED:
+                    self._study_patients.popitem(last=False)
+        if known != mine:
+            raise _Refusal(STATUS_DATASET_MISMATCH, "PatientID differs from earlier instances of this study")
 
     def _note_unrouted(self, series_uid: str, sop_class: str) -> None:
         with self._lock:

@@ -69,12 +69,16 @@ def skip_reason(assignment: StudyAssignment) -> str | None:
 
 
 def case_inputs(session: Session, study_id: int, assignment: StudyAssignment) -> dict[str, list[str]]:
-    """role -> the chosen series' instance paths (relative to storage.root), in instance-number order."""
+    """role -> the chosen series' instance paths (relative to storage.root), in instance-number order.
+
+    Instances of another SOP class than their series (an SR or a secondary capture a scanner put
+    into an MR series) are left out: they are no slices of the volume (:func:`odd_instances`)."""
     chosen_uids = {c.series_instance_uid for c in assignment.chosen.values()}
     rows = session.execute(
         select(Series.series_uid, Instance.path)
         .join(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study_id, Series.series_uid.in_(chosen_uids))
+        .where(Series.study_id == study_id, Series.series_uid.in_(chosen_uids),
+               Instance.sop_class_uid == Series.sop_class_uid)
         .order_by(Instance.instance_number, Instance.id)).all()
     sources: dict[str, list[str]] = {}
     for r in rows:
@@ -82,9 +86,24 @@ def case_inputs(session: Session, study_id: int, assignment: StudyAssignment) ->
     return {role: sources.get(c.series_instance_uid, []) for role, c in assignment.chosen.items()}
 
 
+def odd_instances(session: Session, study_id: int, series_uids: set[str]) -> dict[str, int]:
+    """SeriesInstanceUID -> how many of its instances have another SOP class than the series (left out)."""
+    rows = session.execute(
+        select(Series.series_uid, func.count(Instance.id))
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id, Series.series_uid.in_(series_uids),
+               Instance.sop_class_uid != Series.sop_class_uid)
+        .group_by(Series.series_uid)).all()
+    return {uid: n for uid, n in rows}
+
+
 def make_case(session: Session, study: Study, assignment: StudyAssignment, trigger: str, now: float) -> Case:
     """Create the study's next case version from ``assignment`` (queued, or skipped with its reason)."""
     inputs = case_inputs(session, study.id, assignment)
+    chosen_uids = {c.series_instance_uid for c in assignment.chosen.values()}
+    for series_uid, n in odd_instances(session, study.id, chosen_uids).items():
+        log.info("study %s series %s: %d instance(s) of another SOP class than the series left out",
+                 study.study_uid, series_uid, n)
     reason = skip_reason(assignment)
     version = study.latest_version + 1
     n = session.execute(select(func.count(Instance.id)).join(Series).where(Series.study_id == study.id)).scalar_one()

@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 from pydicom.uid import UID
 
 from dicom_node.headers import SeriesFeatures
@@ -594,14 +601,14 @@ def _resolve_timing(profiles: list[_Profile], rules: RuleSet) -> dict[str, tuple
 
 def _decide(p: _Profile, contrast: tuple[str, str], rules: RuleSet) -> SeriesDecision:
     f = p.features
-    base: dict[str, Any] = dict(
-        series_instance_uid=f.series_instance_uid,
-        study_instance_uid=f.study_instance_uid,
-        series_number=f.series_number,
-        series_description=f.series_description,
-        score=None,
-        score_detail="",
-    )
+    base: dict[str, Any] = {
+        "series_instance_uid": f.series_instance_uid,
+        "study_instance_uid": f.study_instance_uid,
+        "series_number": f.series_number,
+        "series_description": f.series_description,
+        "score": None,
+        "score_detail": "",
+    }
     if p.family is None:
         if p.exclusions:
             first, facts = p.exclusions[0]

@@ -41,8 +41,11 @@ def _loopback(host: str) -> bool:
 class Node:
     """Everything ``serve`` runs; :meth:`start` returns once the node listens, :meth:`stop` is graceful."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, receive: bool = True) -> None:
+        """``receive=False``: a worker only (``serve --worker-only``): it claims cases from the shared queue,
+        processes and sends them; the receiving node runs the listener, completion check and dashboard."""
         self.config = config
+        self.receive = receive
         self.db: Database | None = None
         self.receiver: Receiver | None = None
         self.processor: Processor | None = None
@@ -57,22 +60,28 @@ class Node:
         t = time.perf_counter()
         cfg.storage.root.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.rules = load_rules(cfg.rules)
-        self.db = db = open_database(cfg.database.url)
+        self.db = db = open_database(cfg.database.url, busy_timeout_s=cfg.database.busy_timeout_seconds)
         recover_orphans(db, socket.gethostname(), cfg.queue.max_attempts)
-        reindex_missing(db, cfg.storage.root)
         self.processor = Processor(db, cfg)
-        self.receiver = Receiver(cfg, Index(db).record)
-        self.receiver.start()
+        if self.receive:
+            reindex_missing(db, cfg.storage.root)
+            self.receiver = Receiver(cfg, Index(db).record)
+            self.receiver.start()
         every = cfg.queue.poll_seconds
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
-        self._scheduler.add_job(self._route, "interval", seconds=every, id="completion")
+        if self.receive:
+            self._scheduler.add_job(self._route, "interval", seconds=every, id="completion")
         self._scheduler.add_job(self._dispatch, "interval", seconds=every, id="dispatch")
         self._scheduler.add_job(self._recover, "interval", seconds=max(every, 5.0), id="leases")
         self._scheduler.start()
         self._worker = threading.Thread(target=self.processor.run_forever, args=(self._stop,), name="worker",
                                         daemon=True)
         self._worker.start()
+        if not self.receive:
+            log.info("worker %s (pid %d) ready in %.1f s: processing the shared queue; storage %s",
+                     cfg.node.ae_title, os.getpid(), time.perf_counter() - t, cfg.storage.root)
+            return
         if cfg.web.enabled:
             self._start_web()
         log.info("node %s listening on %s:%d (pid %d), ready in %.1f s; storage %s", cfg.node.ae_title,

@@ -9,16 +9,26 @@ filesystem.
 name and survives a power cut: a temporary file in the same folder, ``fsync``, ``os.replace`` into
 place, ``fsync`` of the folder. A second write of the same path replaces the file atomically, so a
 repeated C-STORE of the same instance is idempotent.
+
+Instances refused for their content are kept, for an administrator to inspect, by
+:func:`quarantine`: ``<storage.root>/quarantine/<YYYYMMDD>/<sha256 of the bytes, 16 hex>.dcm`` with a
+``.json`` of the same name saying why (status, reason, UIDs, calling AE; never patient data). Nothing
+under ``quarantine/`` is indexed or routed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import secrets
+import time
 from pathlib import Path
+from typing import Any
 
 INCOMING = "incoming"
+QUARANTINE = "quarantine"
 
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
@@ -132,6 +142,25 @@ def free_gb(path: Path) -> float:
     return st.f_bavail * st.f_frsize / 1e9
 
 
-def has_room(root: Path, min_free_gb: float) -> bool:
-    """True when the filesystem holding ``root`` has at least ``min_free_gb`` GB free."""
-    return free_gb(root) >= min_free_gb
+def quarantine(root: Path, data: bytes, reason: dict[str, Any], *, now: float | None = None) -> Path:
+    """Keep refused ``data`` under ``root/quarantine/<day>/`` with ``reason`` (JSON) beside it; returns the file.
+
+    Named by the SHA-256 of ``data``, so a peer that retries the same bytes overwrites one entry
+    instead of filling the disk, and no value from the network becomes part of the path. ``reason``
+    must hold no patient data (UIDs, status, calling AE). The ``.json`` is written last: it marks a
+    complete entry (:func:`quarantine_count` counts those).
+    """
+    now = time.time() if now is None else now
+    folder = Path(root) / QUARANTINE / time.strftime("%Y%m%d", time.gmtime(now))
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.dcm"
+    write_durably(path, data)
+    record = {**reason, "file": path.name, "size_bytes": len(data),
+              "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+    write_durably(path.with_suffix(".json"), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    return path
+
+
+def quarantine_count(root: Path) -> int:
+    """How many entries ``root/quarantine`` holds (for ``dicom-node status``); 0 when there is none."""
+    folder = Path(root) / QUARANTINE
+    return sum(1 for _ in folder.glob("*/*.json")) if folder.is_dir() else 0

@@ -53,13 +53,14 @@ def port_open(port: int) -> bool:
 
 
 @contextmanager
-def storescp(out: Path, *, ae_title: str = "DEST", port: int | None = None) -> Iterator[int]:
-    """DCMTK ``storescp`` writing every received object to ``out`` under a unique name (so duplicates show)."""
+def storescp(out: Path, *, ae_title: str = "DEST", port: int | None = None, extra: Sequence[str] = ()) -> Iterator[int]:
+    """DCMTK ``storescp`` writing every received object to ``out`` under a unique name (so duplicates show);
+    ``extra``: more storescp options (``--fork``, ``--sleep-after 1``, TLS, ...)."""
     port = port or free_port()
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(["storescp", "--aetitle", ae_title, "--output-directory", str(out), "+xa",
-                             "--unique-filenames", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=DCMTK_ENV)
+                             "--unique-filenames", *extra, str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=DCMTK_ENV)
     try:
         wait_for(lambda: port_open(port) or proc.poll() is not None, 10, "storescp to listen")
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "storescp exited"

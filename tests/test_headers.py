@@ -158,7 +158,7 @@ def test_features_hold_no_patient_identity(real: dict[str, SeriesFeatures]) -> N
 def test_from_dataset_with_counts_rebuilds_scanned_features(real: dict[str, SeriesFeatures]) -> None:
     """The node stores one header plus counts per series; rebuilding must equal the scan."""
     scanned = real["dcm_qa_xa30i/6001_anat-T1w_acq-tfl"]
-    first = sorted(scanned.source)[0]
+    first = min(scanned.source)
     ds = pydicom.dcmread(first, stop_before_pixels=True)
     rebuilt = SeriesFeatures.from_dataset(
         ds,

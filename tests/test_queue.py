@@ -1,4 +1,5 @@
-"""Index, completion, queue, dispatcher and retention on a real SQLite database, with times given explicitly.
+"""Index, completion, queue, dispatcher and retention on real SQLite and PostgreSQL databases, with times
+given explicitly (every test that takes ``env`` runs on both; PostgreSQL is started by ``pg_harness``).
 
 The network parts are covered with real peers in test_node.py; here the clock is a parameter, so
 every completion rule and lease transition is checked exactly, in milliseconds.
@@ -6,8 +7,8 @@ every completion rule and lease transition is checked exactly, in milliseconds.
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import shutil
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from node_harness import free_port, storescp
+from pg_harness import postgres  # noqa: F401 (fixture)
 from test_pipeline_study import lesion_study, write_study
 
 from dicom_node.cleaner import purge
@@ -62,21 +64,19 @@ def _store(root: Path, src: Path) -> ReceivedInstance:
         header=h)
 
 
-@pytest.fixture
-def env(tmp_path):
-    """A fresh database: SQLite in tmp_path, or the PostgreSQL database named by NODE_TEST_DATABASE_URL
-    (emptied first; run those without -n, the tests share it)."""
-    url = os.environ.get("NODE_TEST_DATABASE_URL") or f"sqlite:///{tmp_path / 'node.db'}"
-    if url.startswith("postgresql"):
-        from sqlalchemy import create_engine, text
-
-        engine = create_engine(url)
-        with engine.begin() as c:
-            c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request, tmp_path):
+    """A fresh database: SQLite in tmp_path, or a new database on the test session's PostgreSQL server."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'node.db'}"
+    else:
+        url = request.getfixturevalue("postgres").database(f"queue_{next(_DATABASES)}")
     db = open_database(url)
     yield db, tmp_path / "storage"
     db.dispose()
+
+
+_DATABASES = itertools.count()
 
 
 def _receive(db, root: Path, files: list[Path], now: float) -> None:

@@ -7,6 +7,7 @@ Every test starts its own :class:`Receiver` on 127.0.0.1, on a port the kernel p
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -31,6 +32,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
+from tls_certs import make_certificates
 
 from dicom_node.config import NodeConfig
 from dicom_node.logs import setup_logging
@@ -49,7 +51,6 @@ from dicom_node.receiver import (
 from dicom_node.storage import (
     UIDError,
     free_gb,
-    has_room,
     instance_path,
     valid_uid,
     write_durably,
@@ -191,7 +192,13 @@ def dataset_bytes(path: Path) -> bytes:
 
 
 def stored_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    """Instances stored for the node to use (the quarantine is elsewhere)."""
+    return sorted(p for p in (root / "incoming").rglob("*") if p.is_file())
+
+
+def quarantined(root: Path) -> list[dict[str, Any]]:
+    """The reasons kept beside each quarantined instance, oldest file name first."""
+    return [json.loads(p.read_text()) for p in sorted((root / "quarantine").glob("*/*.json"))]
 
 
 # --------------------------------------------------------------------------- storage helpers
@@ -238,8 +245,7 @@ def _umask() -> int:
 
 def test_free_gb_uses_the_nearest_existing_parent(tmp_path: Path) -> None:
     assert free_gb(tmp_path / "not" / "yet") == pytest.approx(free_gb(tmp_path), rel=0.01)
-    assert has_room(tmp_path / "x", 0.0)
-    assert not has_room(tmp_path, 1e9)
+    assert 0.0 < free_gb(tmp_path / "x") < 1e9
 
 
 def test_file_meta_bytes_parse_like_pydicom_meta() -> None:
@@ -270,13 +276,15 @@ def test_read_header_stops_before_pixels_and_reads_deflated() -> None:
     ds.save_as(buf, enforce_file_format=True)
     stream = dataset_bytes_from(buf.getvalue())
     got = read_header(stream, "1.2.840.10008.1.2.1")
-    assert got.SOPInstanceUID == ds.SOPInstanceUID and "PixelData" not in got
+    assert got.dataset.SOPInstanceUID == ds.SOPInstanceUID and "PixelData" not in got.dataset
+    # It stopped at the pixel data and knows its length and how many bytes follow.
+    assert got.pixel_length == got.pixel_available == len(ds.PixelData) == 16 * 16 * 2
     deflated = ds.copy()
     deflated.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
     buf = io.BytesIO()
     deflated.save_as(buf, enforce_file_format=True)
     got = read_header(dataset_bytes_from(buf.getvalue()), "1.2.840.10008.1.2.1.99")
-    assert got.SeriesInstanceUID == ds.SeriesInstanceUID
+    assert got.dataset.SeriesInstanceUID == ds.SeriesInstanceUID
     with pytest.raises(ValueError):
         read_header(b"", "1.2.840.10008.1.2.1")
 
@@ -407,6 +415,69 @@ def test_low_disk_refuses_with_out_of_resources(tmp_path: Path, start: Callable[
     assert any("GB free" in r.getMessage() for r in caplog.records)
 
 
+class Disk:
+    """A free-space probe (GB) that answers from a script, one value per C-STORE, then the last forever."""
+
+    def __init__(self, *free_gb: float) -> None:
+        self.script = list(free_gb)
+        self.calls = 0
+
+    def __call__(self, path: Path) -> float:
+        self.calls += 1
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+
+def test_low_disk_loses_nothing_accepted_and_recovers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The disk drops below storage.min_free_gb in the middle of an association and comes back."""
+    root = tmp_path / "storage"
+    disk = Disk(100.0, 100.0, 1.5, 1.5, 100.0)
+    sink = Sink()
+    receiver = Receiver(make_config(root, min_free_gb=2.0), sink, free_space=disk)
+    receiver.start()
+    try:
+        study, series = generate_uid(), generate_uid()
+        sent = [dataset(study, series, n) for n in range(1, 7)]
+        with caplog.at_level(logging.WARNING, logger="dicom_node.receiver"):
+            statuses = pynetdicom_store(receiver.port, sent)
+        assert statuses == [0, 0, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES, 0, 0]
+        assert sum("1.50 GB free, storage.min_free_gb is 2" in r.getMessage() for r in caplog.records) == 2
+        accepted = [sent[i] for i in (0, 1, 4, 5)]
+        # Nothing answered with success is missing or altered; nothing refused was written anywhere.
+        on_disk = {p.stem: p for p in stored_files(root)}
+        assert set(on_disk) == {str(ds.SOPInstanceUID) for ds in accepted}
+        for ds in accepted:
+            assert np.array_equal(pydicom.dcmread(on_disk[str(ds.SOPInstanceUID)]).pixel_array, ds.pixel_array)
+        assert [i.sop_instance_uid for i in sink.items] == [str(ds.SOPInstanceUID) for ds in accepted]
+        assert not (root / "quarantine").exists()
+        # The sender retries the refused two once space is back: all six are there, each once.
+        assert pynetdicom_store(receiver.port, [sent[2], sent[3]]) == [0, 0]
+        assert sorted(p.stem for p in stored_files(root)) == sorted(str(ds.SOPInstanceUID) for ds in sent)
+        assert len(sink.items) == 6 and disk.calls == 8
+    finally:
+        receiver.stop()
+
+
+def test_one_patient_per_study_also_after_a_restart(tmp_path: Path, start: Callable[..., tuple[Receiver, Sink]]) -> None:
+    study = generate_uid()
+    first = ("Test^First", "PID-FIRST", "19800101")
+    second = ("Test^Second", "PID-SECOND", "19900101")
+    receiver, sink = start()
+    assert pynetdicom_store(receiver.port, [dataset(study, generate_uid(), 1, patient=first),
+                                            dataset(study, generate_uid(), 1, patient=second)]) == \
+        [0, STATUS_DATASET_MISMATCH]
+    assert len(sink.items) == 1
+    receiver.stop()
+    # A new receiver remembers nothing: it reads the patient back from the stored instance.
+    receiver, sink = start()
+    series = generate_uid()
+    assert pynetdicom_store(receiver.port, [dataset(study, series, 1, patient=second),
+                                            dataset(study, series, 2, patient=first)]) == [STATUS_DATASET_MISMATCH, 0]
+    assert [i.header.instance_number for i in sink.items if i.header] == [2]
+    assert [r["reason"] for r in quarantined(tmp_path / "storage")] == \
+        ["PatientID differs from earlier instances of this study"] * 2
+    assert "PID-" not in json.dumps(quarantined(tmp_path / "storage"))
+
+
 def test_sink_refusal_and_failure(tmp_path: Path, start: Callable[..., tuple[Receiver, Sink]]) -> None:
     study, series = generate_uid(), generate_uid()
     receiver, _ = start(sink=Sink(StoreRefused(0xA7FE, "index is full")))
@@ -426,8 +497,15 @@ def test_path_characters_in_uids_are_refused(tmp_path: Path, start: Callable[...
     statuses = pynetdicom_store(receiver.port, [evil_sop, evil_series, evil_study, dataset(study, series, 4)])
     assert statuses == [STATUS_INVALID_UID] * 3 + [0]
     assert len(sink.items) == 1
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    # Outside the quarantine (files named by content hash) only the good instance was written.
+    quarantine = tmp_path / "storage" / "quarantine"
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and quarantine not in p.parents]
     assert files == [sink.items[0].path]
+    kept = sorted(quarantine.glob("*/*.json"))
+    assert len(kept) == 3 and all(re.fullmatch(r"[0-9a-f]{16}\.json", k.name) for k in kept)
+    reasons = [json.loads(k.read_text()) for k in kept]
+    assert {r["status"] for r in reasons} == {"0xC212"}
+    assert all(k.with_suffix(".dcm").is_file() for k in kept)
 
 
 def send_raw(port: int, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> int:
@@ -465,6 +543,8 @@ def test_dataset_must_match_the_request(tmp_path: Path, start: Callable[..., tup
     assert send_raw(receiver.port, with_meta(tmp_path / "b.dcm", stream, CTImageStorage, good.SOPInstanceUID)) == \
         STATUS_DATASET_MISMATCH
     assert sink.items == [] and stored_files(tmp_path / "storage") == []
+    assert sorted(r["reason"] for r in quarantined(tmp_path / "storage")) == [
+        "SOPClassUID differs from the request", "SOPInstanceUID differs from the request"]
     # The very same bytes with a matching request are stored as they are.
     assert send_raw(receiver.port, src) == 0
     assert dataset_bytes(sink.items[0].path) == stream
@@ -483,6 +563,7 @@ def test_unparseable_dataset_is_refused_and_the_receiver_keeps_serving(
     assert send_raw(receiver.port, with_meta(tmp_path / "noise.dcm", bytes(range(256)) * 4, MRImageStorage,
                                              good.SOPInstanceUID)) == STATUS_DATASET_MISMATCH
     assert sink.items == [] and stored_files(tmp_path / "storage") == []
+    assert sorted(r["status"] for r in quarantined(tmp_path / "storage")) == ["0xA900", "0xC210"]
     assert pynetdicom_store(receiver.port, [good]) == [0]
     assert len(sink.items) == 1
 
@@ -599,26 +680,9 @@ def test_rle_over_pynetdicom(tmp_path: Path, start: Callable[..., tuple[Receiver
 # --------------------------------------------------------------------------- TLS
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
-             "-keyout", "ca.key", "-out", "ca.crt", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
-        ext = d / f"{name}.ext"
-        ext.write_text("basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_certificates(tmp_path_factory.mktemp("pki"))
 
 
 @needs_dcmtk

@@ -183,7 +183,7 @@ def write_enhanced_t1tfe(
 def ge_study(root: Path) -> dict[str, str]:
     """GE SIGNA brain-mets exam: CUBE T1 pre (no evidence) / post (ContrastBolusAgent), BRAVO +C (keyword)."""
     s = generate_uid()
-    ge = dict(manufacturer=GE, ProtocolName="BRAIN MET W/WO")  # exam-level protocol, as GE writes it
+    ge = {"manufacturer": GE, "ProtocolName": "BRAIN MET W/WO"}  # exam-level protocol, as GE writes it
     uids = {
         "loc": write_series(
             root,
@@ -375,7 +375,7 @@ def ge_study(root: Path) -> dict[str, str]:
 def siemens_study(root: Path) -> dict[str, str]:
     """Siemens exam: MPRAGE pre (unlabelled) / post (KM), SPACE T1 pair resolved by time only, VIBE post."""
     s = generate_uid()
-    sm = dict(manufacturer=SIEMENS)
+    sm = {"manufacturer": SIEMENS}
     mprage = dict(
         ScanningSequence=["GR", "IR"],
         SequenceVariant=["SK", "SP", "MP"],
@@ -561,7 +561,7 @@ def siemens_study(root: Path) -> dict[str, str]:
 def philips_study(root: Path) -> dict[str, str]:
     """Philips Ingenia exam: enhanced 3D T1 TFE post (usage sequence only), VISTA T1 'pre' keyword then unlabelled."""
     s = generate_uid()
-    ph = dict(manufacturer=PHILIPS)
+    ph = {"manufacturer": PHILIPS}
     vista = dict(
         ScanningSequence="SE",
         SequenceVariant="SK",
@@ -729,7 +729,7 @@ def real_decisions(rules: RuleSet) -> dict[str, Any]:
 def test_real_series_get_the_documented_answer(
     real_decisions: dict[str, Any], folder: str, role: str | None, matcher: str, reason: str, also: tuple[str, ...]
 ) -> None:
-    f, d = real_decisions[folder]
+    _f, d = real_decisions[folder]
     assert d.role == role
     assert d.matcher == matcher, d.reason
     assert reason in d.reason
@@ -905,32 +905,32 @@ def test_enhanced_usage_sequence_no_means_pre(tmp_path: Path, rules: RuleSet) ->
 
 
 def _features(**kw: Any) -> SeriesFeatures:
-    base: dict[str, Any] = dict(
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.4",
-        sop_class_uid=MR,
-        modality="MR",
-        manufacturer=GE,
-        series_description="Ax 3D BRAVO",
-        vendor_sequence_name="efgre3d",
-        scanning_sequence=("GR",),
-        sequence_variant=("SS", "SP", "SK"),
-        scan_options=("FAST_GEMS", "EDR_GEMS", "IR_GEMS"),
-        mr_acquisition_type="3D",
-        image_type=("ORIGINAL", "PRIMARY", "OTHER"),
-        inversion_recovery=True,
-        inversion_time=450.0,
-        repetition_time=8.2,
-        echo_time=3.2,
-        flip_angle=12.0,
-        slice_thickness=1.0,
-        n_instances=160,
-        n_frames=160,
-        n_slices=160,
-        parallel_stack=True,
-        orientation="axial",
-        acquisition_datetime="2024-03-15T10:26:00.000000",
-    )
+    base: dict[str, Any] = {
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.4",
+        "sop_class_uid": MR,
+        "modality": "MR",
+        "manufacturer": GE,
+        "series_description": "Ax 3D BRAVO",
+        "vendor_sequence_name": "efgre3d",
+        "scanning_sequence": ("GR",),
+        "sequence_variant": ("SS", "SP", "SK"),
+        "scan_options": ("FAST_GEMS", "EDR_GEMS", "IR_GEMS"),
+        "mr_acquisition_type": "3D",
+        "image_type": ("ORIGINAL", "PRIMARY", "OTHER"),
+        "inversion_recovery": True,
+        "inversion_time": 450.0,
+        "repetition_time": 8.2,
+        "echo_time": 3.2,
+        "flip_angle": 12.0,
+        "slice_thickness": 1.0,
+        "n_instances": 160,
+        "n_frames": 160,
+        "n_slices": 160,
+        "parallel_stack": True,
+        "orientation": "axial",
+        "acquisition_datetime": "2024-03-15T10:26:00.000000",
+    }
     base.update(kw)
     return SeriesFeatures(**base)
 
@@ -1052,7 +1052,7 @@ def test_exam_level_protocol_is_ignored(rules: RuleSet) -> None:
 
 def test_score_orders_3d_original_slices_thickness(rules: RuleSet) -> None:
     preset = rules.families["t1_gre"].presets[0]
-    s = lambda **kw: score_series(_features(**kw), preset, rules)[0]  # noqa: E731
+    s = lambda **kw: score_series(_features(**kw), preset, rules)[0]
     assert s() > s(mr_acquisition_type="2D", n_slices=400, slice_thickness=0.5)
     assert s(n_slices=60) > s(image_type=("DERIVED", "SECONDARY"), n_slices=400, slice_thickness=0.5)
     assert s(n_slices=200) > s(n_slices=100)

@@ -37,12 +37,19 @@ def _database(config: NodeConfig):
     from dicom_node.db import DatabaseError, open_database
 
     try:
-        return open_database(config.database.url)
+        return open_database(config.database.url, busy_timeout_s=config.database.busy_timeout_seconds)
     except DatabaseError as exc:
         raise fail(str(exc)) from None
 
 
-def serve(config: Path = ConfigOption) -> None:
+def serve(
+    config: Path = ConfigOption,
+    worker_only: bool = typer.Option(
+        False, "--worker-only",
+        help="Only process queued cases and send results: no DICOM listener, no completion check, no dashboard. "
+             "For extra workers sharing a PostgreSQL database.url and storage.root with a receiving node "
+             "(docs/node.md, \"Several workers and hosts\")."),
+) -> None:
     """Run the node until SIGTERM or Ctrl-C: receive studies over DICOM, process them, send SEG + SR back.
 
     Logs go to stderr (UIDs only, never patient data). On SIGTERM the node stops accepting associations,
@@ -55,7 +62,8 @@ def serve(config: Path = ConfigOption) -> None:
 
     cfg = load_or_exit(config)
     try:
-        check_ports_free(cfg, config)
+        if not worker_only:
+            check_ports_free(cfg, config)
     except ConfigError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     setup_logging(cfg.logging.level)
@@ -66,7 +74,7 @@ def serve(config: Path = ConfigOption) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node(cfg)
+    node = Node(cfg, receive=not worker_only)
     try:
         node.start()
     except RulesError as exc:
@@ -100,7 +108,7 @@ def status(
     from dicom_node.status import format_status, node_status
 
     cfg = load_or_exit(config)
-    report = node_status(_database(cfg), limit=limit, study_uid=study)
+    report = node_status(_database(cfg), limit=limit, study_uid=study, storage_root=cfg.storage.root)
     if study is not None and not report["studies"]:
         raise fail(f"unknown study {study}")
     typer.echo(json.dumps(report, indent=2) if as_json else format_status(report))
