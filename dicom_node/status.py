@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
+from dicom_node import __version__
 from dicom_node.db import CASE_STATES, Case, Database, Delivery, Series, Study
+from dicom_node.storage import quarantine_count
 from pipeline.roles import ROLES
 
 
@@ -44,6 +47,8 @@ def case_dict(case: Case, deliveries: list[Delivery]) -> dict[str, Any]:
             "count": summary["lesion_count"], "count_ge_10mm3": summary["lesion_count_ge_10mm3"],
             "total_volume_mm3": summary.get("total_volume_mm3")},
         "result_dir": case.result_dir,
+        # The node version that made the results (it may differ from the one reading them now).
+        "software_version": None if summary is None else summary.get("software_version"),
         "deliveries": [{"destination": d.destination, "state": d.state, "attempts": d.attempts,
                         "error": d.last_error or None, "sent": _iso(d.sent_at),
                         "next_attempt": _iso(d.next_attempt_at) if d.state == "pending" else None}
@@ -51,8 +56,10 @@ def case_dict(case: Case, deliveries: list[Delivery]) -> dict[str, Any]:
     }
 
 
-def node_status(db: Database, *, limit: int = 50, study_uid: str | None = None) -> dict[str, Any]:
-    """Queue counts by state and the most recent studies (newest first) with their latest case."""
+def node_status(db: Database, *, limit: int = 50, study_uid: str | None = None,
+                storage_root: Path | None = None) -> dict[str, Any]:
+    """Queue counts by state and the most recent studies (newest first) with their latest case; with
+    ``storage_root``, also how many refused instances its ``quarantine/`` keeps."""
     with db.read() as s:
         counts = dict(s.execute(select(Case.state, func.count(Case.id)).group_by(Case.state)).all())
         q = select(Study).order_by(Study.last_received_at.desc()).limit(limit)
@@ -78,12 +85,21 @@ def node_status(db: Database, *, limit: int = 50, study_uid: str | None = None) 
                 "earlier_versions": [{"version": c.version, "state": c.state, "error": c.reason or None}
                                      for c in cases[1:]],
             })
-    return {"queue": {state: int(counts.get(state, 0)) for state in CASE_STATES}, "studies": studies}
+    report: dict[str, Any] = {"software_version": __version__,
+                              "queue": {state: int(counts.get(state, 0)) for state in CASE_STATES}}
+    if storage_root is not None:
+        report["quarantined"] = quarantine_count(storage_root)
+    report["studies"] = studies
+    return report
 
 
 def format_status(status: dict[str, Any]) -> str:
     """Plain-text rendering of :func:`node_status` for a terminal."""
-    lines = ["queue: " + ", ".join(f"{k} {v}" for k, v in status["queue"].items())]
+    lines = [f"dicom-node {status['software_version']}",
+             "queue: " + ", ".join(f"{k} {v}" for k, v in status["queue"].items())]
+    if status.get("quarantined"):
+        lines.append(f"quarantine: {status['quarantined']} refused instance(s) kept with their reasons "
+                     "(<storage.root>/quarantine/, see docs/node.md)")
     if not status["studies"]:
         lines.append("no studies received yet")
     for st in status["studies"]:
@@ -106,7 +122,8 @@ def format_status(status: dict[str, Any]) -> str:
             les = case["lesions"]
             vol = les["total_volume_mm3"]
             lines.append(f"  lesions: {les['count']} ({les['count_ge_10mm3']} >= 10 mm3)"
-                         + (f", total {vol:.0f} mm3" if vol is not None else "") + f"; results {case['result_dir']}")
+                         + (f", total {vol:.0f} mm3" if vol is not None else "") + f"; results {case['result_dir']}"
+                         + (f" (dicom-node {case['software_version']})" if case["software_version"] else ""))
         for d in case["deliveries"]:
             extra = f", next try {d['next_attempt']}" if d["next_attempt"] else ""
             err = f": {d['error']}" if d["error"] else ""

@@ -74,7 +74,7 @@ class StudySettings:
     threads: int | None = None  # torch CPU threads (None: os.cpu_count())
     registration: RegistrationSettings = field(default_factory=RegistrationSettings)
     manufacturer: str = "ILD DICOM node (open source, research use only)"
-    software_version: str = "unknown"  # the node's version, written to summary.json
+    software_version: str = "unknown"  # the node's version, written to summary.json and the SEG/SR SoftwareVersions
     institution_name: str | None = None
 
 
@@ -232,6 +232,7 @@ def algorithm_info(meta: CheckpointMeta, settings: StudySettings) -> AlgorithmIn
     return AlgorithmInfo(
         name=meta.model_name, version=meta.model_version, manufacturer=settings.manufacturer,
         device_uid=_device_uid(meta), institution_name=settings.institution_name,
+        software=f"dicom-node {settings.software_version}",
         parameters={"threshold": f"{meta.threshold:g}", "training_run_uid": meta.training_run_uid},
     )
 

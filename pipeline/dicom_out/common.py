@@ -100,10 +100,19 @@ class AlgorithmInfo:
     serial_number: str = "0"  # DeviceSerialNumber (required by the SEG's Enhanced General Equipment module)
     institution_name: str | None = None
     parameters: dict[str, str] = field(default_factory=dict)  # e.g. {"threshold": "0.76"}
+    # The software that ran the model (e.g. "dicom-node 0.2.0"), passed in by the caller: pipeline/ never
+    # imports the node, so it cannot know the node's version by itself.
+    software: str | None = None
 
     @property
     def model(self) -> str:
         return self.model_name or self.name
+
+    @property
+    def software_versions(self) -> str | list[str]:
+        """SoftwareVersions (0018,1020), multi-valued: the model's version (it pairs with ManufacturerModelName,
+        the model's name), then the software that ran it when known (a list: pydicom's form of a multi-value)."""
+        return [self.version, self.software] if self.software else self.version
 
 
 def research_description(kind: str) -> str:
@@ -117,7 +126,7 @@ def contributing_equipment(algorithm: AlgorithmInfo, when: datetime | None = Non
         manufacturer=algorithm.manufacturer,
         purpose_of_reference=PROCESSING_EQUIPMENT,
         manufacturer_model_name=algorithm.model,
-        software_versions=algorithm.version,
+        software_versions=algorithm.software_versions,
         device_serial_number=algorithm.serial_number,
         institution_name=algorithm.institution_name,
         contribution_datetime=when or datetime.now(),

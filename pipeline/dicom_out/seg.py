@@ -137,7 +137,7 @@ def write_seg(
         instance_number=instance_number,
         manufacturer=algorithm.manufacturer,
         manufacturer_model_name=algorithm.model,
-        software_versions=algorithm.version,
+        software_versions=algorithm.software_versions,
         device_serial_number=algorithm.serial_number,
         content_label="METS",
         content_description=f"Brain metastases by {algorithm.name} ({common.RESEARCH_USE})"[:64],

@@ -185,7 +185,7 @@ def write_sr(
     )
     sr.SeriesDescription = series_description or common.research_description("SR")
     sr.ManufacturerModelName = algorithm.model
-    sr.SoftwareVersions = algorithm.version
+    sr.SoftwareVersions = algorithm.software_versions
     sr.DeviceSerialNumber = algorithm.serial_number
     sr.CodingSchemeIdentificationSequence = DicomSequence([common.coding_scheme_identification()])
     return sr
