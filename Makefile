@@ -37,7 +37,7 @@ run: install  ## run the node on config/node.yaml (embedded defaults)
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
 debian-tools:
-	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium pdftoppm:poppler-utils pg_ctlcluster:postgresql; do \
+	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium pdftoppm:poppler-utils pg_ctlcluster:postgresql systemd-analyze:systemd; do \
 	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
