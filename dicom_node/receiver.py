@@ -52,8 +52,10 @@ import logging
 import secrets
 import ssl
 import struct
+import sys
 import threading
 import time
+import traceback
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,6 +149,8 @@ _SERIES_FEATURES_CACHED = 1024
 _STUDY_PATIENTS_CACHED = 4096
 # Received PDUs up to this size; larger PDUs mean fewer trips through pynetdicom's reactor.
 MAX_PDU_SIZE = 1 << 20
+#: A C-STORE still unanswered after this long gets every thread's stack logged (see _watch_slow_stores).
+SLOW_STORE_SECONDS = 10.0
 
 
 def transfer_syntaxes() -> list[str]:
@@ -442,6 +446,9 @@ class Receiver:
         # nothing here can be turned back into a patient identifier.
         self._patient_key = secrets.token_bytes(32)
         self._study_patients: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        # Handler thread id -> (monotonic start, shown SOP UID, reported) of each C-STORE in progress.
+        self._in_progress: dict[int, list[Any]] = {}
+        self._watchdog_stop = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -493,6 +500,8 @@ class Receiver:
             (node.bind_address, node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
         )
         self._ae = ae
+        self._watchdog_stop.clear()
+        threading.Thread(target=self._watch_slow_stores, name="receiver-watchdog", daemon=True).start()
         log.info(
             "DICOM receiver %s listening on %s:%d%s, storing under %s",
             node.ae_title, node.bind_address, self.port, " (TLS)" if node.tls.enabled else "", self._root,
@@ -504,6 +513,7 @@ class Receiver:
         server, self._server = self._server, None
         if ae is None or server is None:
             return
+        self._watchdog_stop.set()
         # Only associations that carry data are waited for: a connection that never sent an
         # A-ASSOCIATE (a port probe, a load balancer's health check) would hold the stop for its
         # ACSE timeout, and its (daemon) thread has nothing to finish.
@@ -597,6 +607,26 @@ class Receiver:
             # No A-ASSOCIATE-RQ can come now: end the association at once instead of after the ACSE timeout.
             assoc.acse_timeout = 0.01
 
+    def _watch_slow_stores(self) -> None:
+        """Log every thread's stack, once per C-STORE, when one has run for SLOW_STORE_SECONDS: a sender
+        gives up after its DIMSE timeout (often 30 s), and the stacks say where the node was waiting.
+        Stacks hold code locations only, no data."""
+        while not self._watchdog_stop.wait(SLOW_STORE_SECONDS / 4):
+            now = time.monotonic()
+            with self._lock:
+                slow = [(tid, e[1], now - e[0]) for tid, e in self._in_progress.items()
+                        if not e[2] and now - e[0] >= SLOW_STORE_SECONDS]
+                for tid, _, _ in slow:
+                    self._in_progress[tid][2] = True
+            if slow:
+                frames = sys._current_frames()
+                names = {t.ident: t.name for t in threading.enumerate()}
+                stacks = "".join(f"--- thread {names.get(tid, tid)}\n" + "".join(traceback.format_stack(f))
+                                 for tid, f in frames.items())
+                for tid, shown, seconds in slow:
+                    log.warning("C-STORE of SOP instance %s in thread %s has run for %.0f s; every thread's stack:\n%s",
+                                shown, names.get(tid, tid), seconds, stacks)
+
     # ------------------------------------------------------------------ DIMSE handlers
 
     def _handle_echo(self, event: evt.Event) -> int:
@@ -607,6 +637,9 @@ class Receiver:
         sop_uid = _uid_str(getattr(request, "AffectedSOPInstanceUID", ""))
         # A UID that is not one may carry anything (a name, a path): it is never logged.
         shown = sop_uid if valid_uid(sop_uid) else "(invalid UID)"
+        me = threading.get_ident()
+        with self._lock:
+            self._in_progress[me] = [time.monotonic(), shown, False]
         try:
             status, comment = self._store(event, request, sop_uid)
         except _Refusal as r:
@@ -616,6 +649,9 @@ class Receiver:
         except Exception:
             status, comment = STATUS_INTERNAL_ERROR, "internal error in the receiver"
             log.exception("refused SOP instance %s (0x%04X): unexpected error", shown, status)
+        finally:
+            with self._lock:
+                self._in_progress.pop(me, None)
         self._count(event, status == STATUS_SUCCESS)
         if status == STATUS_SUCCESS:
             return STATUS_SUCCESS

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -770,3 +771,26 @@ def test_log_filter_drops_dataset_dumps_and_credentials() -> None:
     assert "1.2.3.4" in text
     for secret in ("Secret", "secret-user", "hunter2", "53 65 63", "DICOM Dataset"):
         assert secret not in text
+
+
+def test_a_slow_store_logs_every_threads_stack_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE stuck somewhere (here: the free-space probe) is reported with the stacks, and still answered."""
+    monkeypatch.setattr("dicom_node.receiver.SLOW_STORE_SECONDS", 0.4)
+
+    def slow_disk(_path: Path) -> float:
+        time.sleep(1.5)
+        return 100.0
+
+    receiver = Receiver(make_config(tmp_path / "storage"), Sink(), free_space=slow_disk)
+    receiver.start()
+    try:
+        ds = dataset(generate_uid(), generate_uid(), 1)
+        with caplog.at_level(logging.WARNING, logger="dicom_node.receiver"):
+            assert pynetdicom_store(receiver.port, [ds]) == [0]
+        reports = [r.getMessage() for r in caplog.records if "has run for" in r.getMessage()]
+        assert len(reports) == 1, reports
+        assert str(ds.SOPInstanceUID) in reports[0]
+        assert "in slow_disk" in reports[0] and "_handle_store" in reports[0]  # where it was waiting, and why
+    finally:
+        receiver.stop()

@@ -225,8 +225,11 @@ class _Node:
 
 def _send(study: DemoStudy, config: Path, to: str, calling_aet: str) -> None:
     start = time.monotonic()
+    # A 120 s answer timeout, not send's 30 s: on a loaded machine one C-STORE was once unanswered for
+    # over 30 s (cause not yet known; the node logs every thread's stack when a store takes 10 s).
     r = subprocess.run([*_DICOM_NODE, "send", str(study.folder / "dicom"), "--to", to, "--calling-aet",
-                        calling_aet, "--config", str(config), "--no-progress"], capture_output=True, text=True,
+                        calling_aet, "--config", str(config), "--no-progress", "--timeout", "120"],
+                       capture_output=True, text=True,
                        cwd=_SOURCE, check=False)
     study.send_s = time.monotonic() - start
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
