@@ -21,6 +21,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.model import ROLE_ORDER, ILDDeepLabV3, ModelConfig
+from training.cpu_safety import safe_cpu_autograd
 
 TINY = ModelConfig(backbone_depth=(1, 1, 1, 1), base_width=4, output_stride=16)
 
@@ -47,10 +48,11 @@ def _trained_model(cfg: ModelConfig = TINY) -> ILDDeepLabV3:
     torch.manual_seed(0)
     model = ILDDeepLabV3(cfg).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        opt.zero_grad()
-        model(torch.rand(2, cfg.in_channels, 32, 32)).mean().backward()
-        opt.step()
+    with safe_cpu_autograd():
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.rand(2, cfg.in_channels, 32, 32)).mean().backward()
+            opt.step()
     return model.eval()
 
 

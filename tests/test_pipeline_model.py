@@ -20,6 +20,7 @@ from pipeline.model import (
     combination_key,
     count_parameters,
 )
+from training.cpu_safety import safe_cpu_autograd
 
 S = 5  # slices per role
 TINY = dict(backbone_depth=(1, 1, 1, 1), base_width=4)
@@ -339,12 +340,13 @@ def test_tiny_model_learns_a_tiny_problem():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     pos_weight = torch.tensor(10.0)
     losses = []
-    for _ in range(40):
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
-        loss.backward()
-        losses.append(loss.item())
-        opt.step()
+    with safe_cpu_autograd():
+        for _ in range(40):
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
     grads = [p.grad for p in model.stem.parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), "gradients reach the stem"
     assert losses[-1] < losses[0] / 5, losses

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pipeline.model import ARCHITECTURES, ILDDeepLabV3, build_model
 from training.batches import SliceSampler, build_batch
 from training.config import TrainConfig
+from training.cpu_safety import safe_cpu_autograd
 from training.data.cache import CachedCase, GridSettings, cache_case
 from training.data.dicom import RoleAssigner
 from training.data.sources import find_sources
@@ -243,56 +244,57 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
                  env.world_size)
 
     model.train()
-    for epoch in range(start_epoch, rcp.epochs):
-        t0 = time.perf_counter()
-        running, n_loss = 0.0, 0
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{rcp.epochs}", unit="step",
-                   disable=not (progress and env.is_main))
-        for _ in bar:
-            optimiser.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for m in range(rcp.accumulation):
-                b = build_batch(train_cases, sampler.draw(micro), arch.roles, slices_per_role=arch.slices_per_role,
-                                crop=rcp.crop, flips=rcp.flips, rot90=rcp.rot90, rng=rng)
-                x = torch.from_numpy(b.x).to(device, non_blocking=True)
-                y = torch.from_numpy(b.y).to(device, non_blocking=True)
-                present = torch.from_numpy(b.present).to(device)
-                sync = m == rcp.accumulation - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
-                ctx = net.no_sync() if not sync else contextlib.nullcontext()
-                with ctx, torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
-                    loss = segmentation_loss(net(x, present), y, positive_weight=rcp.positive_weight,
-                                             dice_weight=rcp.dice_weight) / rcp.accumulation
-                scaler.scale(loss).backward()
-                step_loss += float(loss.detach())
-            scaler.step(optimiser)
-            scaler.update()
-            running += step_loss
-            n_loss += 1
-            bar.set_postfix(loss=f"{running / n_loss:.4f}")
-        seconds = time.perf_counter() - t0
-        if env.world_size > 1:  # the logged training loss is the mean over every process's batches
-            total = torch.tensor([running, float(n_loss)], dtype=torch.float64, device=device)
-            dist.all_reduce(total)
-            running, n_loss = float(total[0]) / env.world_size, int(total[1]) // env.world_size
-        if env.is_main:
-            val_loss, val_dice = _monitor(model, val_cases, rcp.monitor_slices, rcp.seed, config, device)
-            row = [epoch + 1, (epoch + 1) * steps, f"{running / max(n_loss, 1):.6f}", f"{val_loss:.6f}",
-                   f"{val_dice:.4f}", f"{optimiser.param_groups[0]['lr']:.3g}", f"{seconds:.1f}",
-                   f"{steps * rcp.batch_size / seconds:.1f}"]
-            with metrics_csv.open("a", newline="") as f:
-                csv.writer(f).writerow(row)
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice@0.5 %.3f, %.0f s", epoch + 1,
-                     running / max(n_loss, 1), val_loss, val_dice, seconds)
-        rngs = [rng.bit_generator.state]
-        if env.world_size > 1:
-            gathered: list[Any] = [None] * env.world_size
-            dist.all_gather_object(gathered, rng.bit_generator.state)
-            rngs = gathered
-        if env.is_main:
-            _atomic_torch_save({"architecture": arch.to_dict(), "model": model.state_dict(),
-                                "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(),
-                                "epoch": epoch + 1, "run_uid": run_uid, "numpy_rng": rngs,
-                                "torch_rng": torch.get_rng_state()}, state_path)
+    with safe_cpu_autograd(device):  # oneDNN's AVX2 backward is unsafe (training/cpu_safety.py)
+        for epoch in range(start_epoch, rcp.epochs):
+            t0 = time.perf_counter()
+            running, n_loss = 0.0, 0
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{rcp.epochs}", unit="step",
+                       disable=not (progress and env.is_main))
+            for _ in bar:
+                optimiser.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for m in range(rcp.accumulation):
+                    b = build_batch(train_cases, sampler.draw(micro), arch.roles, slices_per_role=arch.slices_per_role,
+                                    crop=rcp.crop, flips=rcp.flips, rot90=rcp.rot90, rng=rng)
+                    x = torch.from_numpy(b.x).to(device, non_blocking=True)
+                    y = torch.from_numpy(b.y).to(device, non_blocking=True)
+                    present = torch.from_numpy(b.present).to(device)
+                    sync = m == rcp.accumulation - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
+                    ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                    with ctx, torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                        loss = segmentation_loss(net(x, present), y, positive_weight=rcp.positive_weight,
+                                                 dice_weight=rcp.dice_weight) / rcp.accumulation
+                    scaler.scale(loss).backward()
+                    step_loss += float(loss.detach())
+                scaler.step(optimiser)
+                scaler.update()
+                running += step_loss
+                n_loss += 1
+                bar.set_postfix(loss=f"{running / n_loss:.4f}")
+            seconds = time.perf_counter() - t0
+            if env.world_size > 1:  # the logged training loss is the mean over every process's batches
+                total = torch.tensor([running, float(n_loss)], dtype=torch.float64, device=device)
+                dist.all_reduce(total)
+                running, n_loss = float(total[0]) / env.world_size, int(total[1]) // env.world_size
+            if env.is_main:
+                val_loss, val_dice = _monitor(model, val_cases, rcp.monitor_slices, rcp.seed, config, device)
+                row = [epoch + 1, (epoch + 1) * steps, f"{running / max(n_loss, 1):.6f}", f"{val_loss:.6f}",
+                       f"{val_dice:.4f}", f"{optimiser.param_groups[0]['lr']:.3g}", f"{seconds:.1f}",
+                       f"{steps * rcp.batch_size / seconds:.1f}"]
+                with metrics_csv.open("a", newline="") as f:
+                    csv.writer(f).writerow(row)
+                log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice@0.5 %.3f, %.0f s", epoch + 1,
+                         running / max(n_loss, 1), val_loss, val_dice, seconds)
+            rngs = [rng.bit_generator.state]
+            if env.world_size > 1:
+                gathered: list[Any] = [None] * env.world_size
+                dist.all_gather_object(gathered, rng.bit_generator.state)
+                rngs = gathered
+            if env.is_main:
+                _atomic_torch_save({"architecture": arch.to_dict(), "model": model.state_dict(),
+                                    "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(),
+                                    "epoch": epoch + 1, "run_uid": run_uid, "numpy_rng": rngs,
+                                    "torch_rng": torch.get_rng_state()}, state_path)
     if env.world_size > 1:
         dist.barrier()
     ckpt = config.output.checkpoint
