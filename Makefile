@@ -30,7 +30,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev]"
+	# setuptools' one notice about editable installs ("Editable installation ...") is all it would print
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet -e ".[dev]"
 	touch $@
 
 run: install  ## run the node on config/node.yaml (embedded defaults)

@@ -6,8 +6,8 @@
 #   deploy/install.sh VENV SOURCE_DIR
 #
 # VENV        the virtual environment to create (must not exist yet), e.g. /opt/venv
-# SOURCE_DIR  a checkout of this repository; it stays where it is: the node is installed from it in
-#             editable mode because it reads config/ and models/ beside its packages (dicom_node/paths.py)
+# SOURCE_DIR  a checkout of this repository; the node is installed from it as a wheel (not editable): the
+#             shipped config/ and models/ come with the package, so the checkout may be removed afterwards
 #
 # Environment (all optional):
 # PYTHON          interpreter that creates the venv (default: python3; Python >= 3.11)
@@ -38,9 +38,9 @@ fi
 # default build (CUDA, several GB) even on a CPU-only host.
 # shellcheck disable=SC2086  # TORCH_PIP_ARGS holds several words on purpose
 "$venv/bin/pip" install --quiet ${TORCH_PIP_ARGS:-} "${TORCH_SPEC:-torch==2.13.0}"
-"$venv/bin/pip" install --quiet --editable "$src"
+"$venv/bin/pip" install --quiet "$src"
 
-# The install is usable: the entry point runs, and the shipped configuration (with its rules file and
-# the bundled model's path) validates.
+# The install is usable: the entry point runs, and the installed package's own configuration (with its
+# shipped rules file and bundled model) validates.
 "$venv/bin/dicom-node" --version
-"$venv/bin/dicom-node" config check --config "$src/config/node.yaml"
+"$venv/bin/dicom-node" config check

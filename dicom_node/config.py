@@ -3,9 +3,13 @@
 Every default lives in ``config/node.yaml`` (with a comment per key); the schema below holds the
 same values so that a config file may leave any key out. A test keeps the two equal.
 
-Relative paths in a config file (``storage.root``, ``model.path``, ``rules``, a relative SQLite
-file in ``database.url``) are resolved against the directory of that config file, so the node
-behaves the same whatever the working directory.
+Paths (``storage.root``, ``model.path``, ``rules``, a relative SQLite file in ``database.url``, TLS files):
+a relative path WRITTEN in a config file is resolved against the directory of that file, so the node
+behaves the same whatever the working directory. The files the project ships (``model.path``, the bundled
+model; ``rules``, the shipped series rules) keep resolving to the shipped files when a site's file leaves
+them out, wherever that file lives: their defaults are written in ``config/node.yaml`` and resolve there.
+Data folders left out (``storage.root``, ``database.url``) resolve against the site's file, as if its
+defaults (``../var/...``) were written in it: each config keeps its own data.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from dicom_node.paths import DEFAULT_CONFIG
+from dicom_node.paths import CONFIG_DIR, DEFAULT_CONFIG
 from dicom_node.yaml_files import YamlFileError, load_yaml_model
 
 AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # printable ASCII without backslash, 1-16 chars
@@ -221,11 +225,15 @@ class NodeConfig(_Section):
             raise ValueError("expected node.port and web.port to differ")
         return self
 
-    def resolved(self, base: Path) -> NodeConfig:
-        """Return a copy whose relative paths are made absolute against ``base`` (a directory)."""
+    def resolved(self, base: Path, shipped: Path = CONFIG_DIR) -> NodeConfig:
+        """Return a copy whose relative paths are absolute: against ``base`` (the config file's directory) where
+        the file wrote them; the shipped model and rules left out of the file against ``shipped`` (the folder of
+        ``config/node.yaml``, where their defaults are written)."""
 
-        def absolute(p: Path) -> Path:
-            return p if p.is_absolute() else (base / p).resolve()
+        def absolute(p: Path, written: bool = True) -> Path:
+            return p if p.is_absolute() else ((base if written else shipped) / p).resolve()
+
+        model_written = "model" in self.model_fields_set and "path" in self.model.model_fields_set
 
         url = self.database.url
         prefix = "sqlite:///"
@@ -238,8 +246,8 @@ class NodeConfig(_Section):
                     k: absolute(v) for k in ("certificate", "private_key", "ca_certificates")
                     if (v := getattr(self.node.tls, k)) is not None})}),
                 "database": self.database.model_copy(update={"url": url}),
-                "model": self.model.model_copy(update={"path": absolute(self.model.path)}),
-                "rules": absolute(self.rules),
+                "model": self.model.model_copy(update={"path": absolute(self.model.path, model_written)}),
+                "rules": absolute(self.rules, "rules" in self.model_fields_set),
             }
         )
 
@@ -252,6 +260,26 @@ def load_config(path: Path | str = DEFAULT_CONFIG) -> NodeConfig:
     path = Path(path)
     config = load_yaml_model(path, NodeConfig, what="config file", reference="config/node.yaml", error=ConfigError)
     return config.resolved(path.resolve().parent)
+
+
+def check_files(config: NodeConfig, config_path: Path | str) -> None:
+    """Fail with ``ConfigError`` if the files the node reads at start-up are missing or unusable: the model
+    checkpoint (loaded on the CPU, as the worker would) and the series rules. ``serve`` and ``config check`` both
+    run this, so a config that checks OK starts."""
+    from dicom_node.rules import RulesError, load_rules
+    from pipeline.checkpoint import CheckpointError, load_checkpoint
+
+    if not config.model.path.is_file():
+        raise ConfigError(f"{config_path}: model.path: {config.model.path} does not exist (the bundled model is "
+                          "rebuilt by `make model`)")
+    try:
+        load_checkpoint(config.model.path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{config_path}: model.path: {exc}") from None
+    try:
+        load_rules(config.rules)
+    except RulesError as exc:
+        raise ConfigError(f"{config_path}: rules: {exc}") from None
 
 
 def port_problem(host: str, port: int) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -129,3 +130,68 @@ def test_serve_with_a_missing_model_is_a_config_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--config", str(path)])
     assert result.exit_code == 2
     assert "model.path" in result.stderr and "does not exist" in result.stderr
+
+
+# --- a site's own config outside the checkout: shipped files stay the shipped ones -------------------------------
+
+ONE_KEY_CONFIGS = {
+    "port": "node: {port: 11555}\n",
+    "ae_title": "node: {ae_title: SITE_NODE}\n",
+    "device": "model: {device: cpu}\n",
+    "storage": "storage: {root: data}\n",
+    "logging": "logging: {level: DEBUG}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_KEY_CONFIGS))
+def test_one_key_site_config_keeps_the_shipped_model_and_rules(tmp_path: Path, name: str) -> None:
+    site = tmp_path / "srv" / "site"
+    site.mkdir(parents=True)
+    path = write(site, ONE_KEY_CONFIGS[name])
+    config = load_config(path)
+    assert config.model.path == PROJECT_ROOT / "models" / "ild-demo.safetensors"
+    assert config.rules == DEFAULT_RULES
+    # data folders left out belong to the site's config, as if node.yaml's ../var/... were written in it
+    expected_root = site.resolve() / "data" if name == "storage" else (site / ".." / "var" / "storage").resolve()
+    assert config.storage.root == expected_root
+    checked = runner.invoke(app, ["config", "check", "--config", str(path)])
+    assert checked.exit_code == 0, checked.output
+    shown = yaml.safe_load(runner.invoke(app, ["config", "show", "--config", str(path)]).stdout)
+    assert shown["model"]["path"] == str(PROJECT_ROOT / "models" / "ild-demo.safetensors")
+    assert shown["rules"] == str(DEFAULT_RULES)
+
+
+def test_paths_the_site_writes_resolve_against_its_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "model: {path: weights/m.safetensors}\nrules: site_rules.yaml\n"))
+    assert config.model.path == tmp_path.resolve() / "weights" / "m.safetensors"
+    assert config.rules == tmp_path.resolve() / "site_rules.yaml"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("model: {path: nowhere.safetensors}\n", r"model\.path: .*nowhere\.safetensors does not exist"),
+    ("rules: missing_rules.yaml\n", r"rules: .*missing_rules\.yaml: rules file not found"),
+    ("rules: bad_rules.yaml\n", r"rules: .*bad_rules\.yaml"),
+    ("model: {path: not_a_model.safetensors}\n", r"model\.path: .*not_a_model\.safetensors"),
+])
+def test_config_check_fails_for_what_serve_refuses(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "bad_rules.yaml").write_text("presets: 3\n")
+    (tmp_path / "not_a_model.safetensors").write_bytes(b"\x00" * 64)
+    path = write(tmp_path, text)
+    checked = runner.invoke(app, ["config", "check", "--config", str(path)])
+    assert checked.exit_code == 2
+    assert checked.stderr.count("\n") == 1 and re.search(expected, checked.stderr), checked.stderr
+
+
+@pytest.mark.slow
+def test_serve_starts_on_a_site_config_that_sets_only_its_port(tmp_path: Path) -> None:
+    """`serve` on a config in a folder of its own naming only where to listen: bundled model, shipped rules."""
+    from node_harness import NodeProcess, free_port
+
+    site = tmp_path / "srv" / "site"
+    site.mkdir(parents=True)
+    path = write(site, f"node: {{port: {free_port()}, bind_address: 127.0.0.1}}\nweb: {{enabled: false}}\n")
+    with NodeProcess(path) as node:
+        echoed = node.cli("echo", "127.0.0.1", str(node.port), "ILD_NODE")
+        assert echoed.returncode == 0, echoed.stderr
+    assert node.proc is not None and node.proc.returncode == 0, node.log()[-3000:]
+    assert (tmp_path / "srv" / "var" / "node.db").is_file()  # its data beside its config, not in the checkout

@@ -27,7 +27,8 @@ from dicom_node.cli.rules import app as rules_app
 from dicom_node.cli.segment import segment
 from dicom_node.cli.train import calibrate, model_card, train
 from dicom_node.cli.validate import validate
-from dicom_node.config import to_yaml
+from dicom_node.cli.exits import EXIT_USAGE, fail
+from dicom_node.config import ConfigError, check_files, to_yaml
 
 app = typer.Typer(
     name="dicom-node",
@@ -77,8 +78,12 @@ def _root(
 
 @config_app.command("check")
 def config_check(config: Path = ConfigOption) -> None:
-    """Validate a config file; exit 0 if it is valid, 2 with one line naming the key if not."""
-    load_or_exit(config)
+    """Validate a config file and the files it names (model, series rules) as `serve` does at start-up; exit 0
+    if it is valid, 2 with one line naming the key if not."""
+    try:
+        check_files(load_or_exit(config), config)
+    except ConfigError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
     typer.echo(f"{config}: OK")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from dicom_node.cli.exits import EXIT_FAILED, EXIT_USAGE, fail
-from dicom_node.config import ConfigError, NodeConfig, check_ports_free, load_config
+from dicom_node.config import ConfigError, NodeConfig, check_files, check_ports_free, load_config
 from dicom_node.paths import DEFAULT_CONFIG
 
 ConfigOption = typer.Option(
@@ -62,15 +62,13 @@ def serve(
 
     cfg = load_or_exit(config)
     try:
+        check_files(cfg, config)
         if not worker_only:
             check_ports_free(cfg, config)
     except ConfigError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     setup_logging(cfg.logging.level)
     os.umask(0o027)  # received files, results and the SQLite file: owner and group only
-    if not cfg.model.path.is_file():
-        raise fail(f"{config}: model.path: {cfg.model.path} does not exist (the bundled model is rebuilt by "
-                   "`make model`)", EXIT_USAGE)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
