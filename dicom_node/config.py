@@ -146,6 +146,9 @@ class QueueSection(_Section):
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    workers: int = Field(default=1, ge=0, le=64)
+    worker_threads: int | None = Field(default=None, ge=1)
+    worker_nice: int = Field(default=10, ge=0, le=19)
 
 
 class SendSection(_Section):

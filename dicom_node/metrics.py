@@ -1,8 +1,8 @@
 """Prometheus metrics of the running node (served at ``/metrics`` by the dashboard, ``dicom_node/web``).
 
-Counters and the stage histogram live in this process (``dicom-node serve`` runs the web server in the
-same process as the receiver, worker and dispatcher); the stages feed them through the one-line hooks
-below. Case counts by state are read from the database at scrape time, so they are right whichever
+Counters and the stage histogram live in the receiving node's process, which serves the web app; the
+stages feed them through the one-line hooks below. Worker processes (``dicom_node/worker.py``) forward
+each hook call to it (:func:`forward_to`, :func:`apply`). Case counts by state are read from the database at scrape time, so they are right whichever
 process changed them (``dicom-node reprocess`` from a shell, a second node on PostgreSQL).
 
 The metric objects are not registered in prometheus_client's global registry: :func:`registry` builds a
@@ -48,27 +48,72 @@ _PROCESS_METRICS = (RECEIVED, STAGE_SECONDS, CASE_FAILURES, SEND_FAILURES)
 
 # --------------------------------------------------------------------------- hooks (one line at each call site)
 
+#: where hook calls go in a worker process (``events.put`` of a queue to the receiving node); None: here
+_forward: Callable[[tuple[str, dict[str, Any]]], None] | None = None
 
-def instance_received() -> None:
-    """A new instance is stored and indexed (``index.Index.record``)."""
+
+def forward_to(put: Callable[[tuple[str, dict[str, Any]]], None] | None) -> None:
+    """Send every hook call of this process to ``put`` as ``(hook name, keyword arguments)``; None: record here."""
+    global _forward
+    _forward = put
+
+
+def apply(name: str, kwargs: dict[str, Any]) -> None:
+    """Record a hook call forwarded by a worker process (unknown names are ignored, with a log line)."""
+    hook = _HOOKS.get(name)
+    if hook is None:
+        log.warning("metrics: unknown event %r from a worker", name)
+        return
+    hook(**kwargs)
+
+
+def _emit(name: str, **kwargs: Any) -> None:
+    if _forward is not None:
+        _forward((name, kwargs))
+    else:
+        _HOOKS[name](**kwargs)
+
+
+def _instance_received() -> None:
     RECEIVED.inc()
 
 
-def case_finished(summary: dict[str, Any]) -> None:
-    """A case's results are written (``processor``): observe each stage of ``summary["timings_s"]``."""
+def _case_finished(summary: dict[str, Any]) -> None:
     for stage, seconds in (summary.get("timings_s") or {}).items():
         if stage in STAGES and isinstance(seconds, (int, float)):
             STAGE_SECONDS.labels(stage).observe(seconds)
 
 
+def _case_failed(permanent: bool) -> None:
+    CASE_FAILURES.labels("permanent" if permanent else "retried").inc()
+
+
+def _send_failed(destination: str, transient: bool) -> None:
+    SEND_FAILURES.labels(destination, "transient" if transient else "permanent").inc()
+
+
+_HOOKS: dict[str, Callable[..., None]] = {"instance_received": _instance_received, "case_finished": _case_finished,
+                                          "case_failed": _case_failed, "send_failed": _send_failed}
+
+
+def instance_received() -> None:
+    """A new instance is stored and indexed (``index.Index.record``)."""
+    _emit("instance_received")
+
+
+def case_finished(summary: dict[str, Any]) -> None:
+    """A case's results are written (``processor``): observe each stage of ``summary["timings_s"]``."""
+    _emit("case_finished", summary={"timings_s": summary.get("timings_s") or {}})
+
+
 def case_failed(*, permanent: bool) -> None:
     """A processing attempt failed (``processor``)."""
-    CASE_FAILURES.labels("permanent" if permanent else "retried").inc()
+    _emit("case_failed", permanent=permanent)
 
 
 def send_failed(destination: str, *, transient: bool) -> None:
     """Sending to ``destination`` failed (``dispatcher``)."""
-    SEND_FAILURES.labels(destination, "transient" if transient else "permanent").inc()
+    _emit("send_failed", destination=destination, transient=transient)
 
 
 # --------------------------------------------------------------------------- scrape-time collectors

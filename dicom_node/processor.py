@@ -121,6 +121,7 @@ class Processor:
 
     def _process(self, case: ClaimedCase) -> None:
         from pipeline.io import SeriesLoadError
+        from pipeline.registration import RegistrationSettings
         from pipeline.study import StudyError, StudySettings, run_study
 
         cfg = self.config
@@ -133,7 +134,9 @@ class Processor:
             missing = [str(p.relative_to(root)) for ps in files.values() for p in ps if not p.is_file()]
             if missing:
                 raise StudyError(f"{len(missing)} input file(s) no longer on disk (purged?), e.g. {missing[0]}")
-            settings = StudySettings(device=cfg.model.device, software_version=__version__)
+            threads = cfg.queue.worker_threads
+            settings = StudySettings(device=cfg.model.device, software_version=__version__, threads=threads,
+                                     registration=RegistrationSettings(threads=threads))
             result = run_study(files, self.model, self.meta, settings=settings)
             final = results_dir(root, case.study_uid, case.version)
             tmp = root / "results" / ".tmp" / f"{case.id}-{uuid.uuid4().hex[:8]}"

@@ -148,7 +148,8 @@ def recover_expired(db: Database, max_attempts: int, *, now: float | None = None
         return len(expired)
 
 
-def recover_orphans(db: Database, hostname: str, max_attempts: int, *, now: float | None = None) -> int:
+def recover_orphans(db: Database, hostname: str, max_attempts: int, *, now: float | None = None,
+                    found: str = "at start-up") -> int:
     """At start-up: re-queue cases this host's earlier, now dead, node processes held (kill -9, power cut),
     without waiting for their leases to expire. Owners are ``host:pid:nonce``; a live pid is left alone.
     The interrupted attempt counts: a study that kills the node every time ends failed, not in a loop."""
@@ -169,7 +170,7 @@ def recover_orphans(db: Database, hostname: str, max_attempts: int, *, now: floa
             except PermissionError:
                 continue  # a live process of another user
             case.state = FAILED if case.attempts >= max_attempts else QUEUED
-            case.reason = f"the node process running attempt {case.attempts} had stopped (found at start-up)"
+            case.reason = f"the node process running attempt {case.attempts} had stopped (found {found})"
             case.lease_owner = case.lease_expires_at = None
             case.updated_at = now
             n += 1

@@ -1,8 +1,10 @@
 """The running node: receiver, completion check, worker and dispatcher in one process (``dicom-node serve``).
 
 Data flow: receiver (C-STORE -> file + index) -> router (completion -> case) -> processor (case ->
-results) -> dispatcher (results -> destinations). The receiver serves on pynetdicom's threads, the
-worker has its own thread (a case may take a minute), and APScheduler runs the periodic passes
+results) -> dispatcher (results -> destinations). The receiver serves on pynetdicom's threads; the
+processor runs in ``queue.workers`` worker processes of their own (``dicom_node/worker.py``: a case takes
+the cores for tens of seconds, and must not take them from C-STORE), or with ``queue.workers: 0`` and
+in ``serve --worker-only`` on a thread of this process; APScheduler runs the periodic passes
 (completion, sending, lease recovery) every ``queue.poll_seconds``. With ``web.enabled`` the dashboard,
 JSON API and /metrics (``dicom_node/web``) are served by uvicorn on a thread, on ``web.host:web.port``.
 """
@@ -16,6 +18,8 @@ import socket
 import threading
 import time
 
+from typing import TYPE_CHECKING
+
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.config import NodeConfig
@@ -27,6 +31,10 @@ from dicom_node.queue import recover_expired, recover_orphans
 from dicom_node.receiver import Receiver
 from dicom_node.router import route_complete_studies
 from dicom_node.rules import load_rules
+from dicom_node.worker import WorkerSupervisor
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,8 @@ class Node:
         self.db: Database | None = None
         self.receiver: Receiver | None = None
         self.processor: Processor | None = None
+        self.workers: WorkerSupervisor | None = None
+        self._model_meta: CheckpointMeta | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -62,7 +72,13 @@ class Node:
         self.rules = load_rules(cfg.rules)
         self.db = db = open_database(cfg.database.url, busy_timeout_s=cfg.database.busy_timeout_seconds)
         recover_orphans(db, socket.gethostname(), cfg.queue.max_attempts)
-        self.processor = Processor(db, cfg)
+        if self.receive and cfg.queue.workers > 0:
+            from pipeline.checkpoint import load_checkpoint
+
+            _, self._model_meta = load_checkpoint(cfg.model.path)  # what the dashboard shows; the workers load their own
+            self.workers = WorkerSupervisor(cfg, on_exit=self._worker_died)
+        else:
+            self.processor = Processor(db, cfg)
         if self.receive:
             reindex_missing(db, cfg.storage.root)
             self.receiver = Receiver(cfg, Index(db).record)
@@ -75,9 +91,13 @@ class Node:
         self._scheduler.add_job(self._dispatch, "interval", seconds=every, id="dispatch")
         self._scheduler.add_job(self._recover, "interval", seconds=max(every, 5.0), id="leases")
         self._scheduler.start()
-        self._worker = threading.Thread(target=self.processor.run_forever, args=(self._stop,), name="worker",
-                                        daemon=True)
-        self._worker.start()
+        if self.workers is not None:
+            self.workers.start()
+        else:
+            assert self.processor is not None
+            self._worker = threading.Thread(target=self.processor.run_forever, args=(self._stop,), name="worker",
+                                            daemon=True)
+            self._worker.start()
         if not self.receive:
             log.info("worker %s (pid %d) ready in %.1f s: processing the shared queue; storage %s",
                      cfg.node.ae_title, os.getpid(), time.perf_counter() - t, cfg.storage.root)
@@ -101,12 +121,16 @@ class Node:
                         "this port can reprocess and resend studies; set web.token", web.host)
 
     def model_info(self) -> dict | None:
-        """The loaded model for the dashboard's health (None before it is loaded)."""
-        if self.processor is None:
+        """The model for the dashboard's health (None before it is loaded)."""
+        meta = self._model_meta or (self.processor.meta if self.processor is not None else None)
+        if meta is None:
             return None
-        meta = self.processor.meta
         return {"name": meta.model_name, "version": meta.model_version, "threshold": meta.threshold,
                 "file": self.config.model.path.name, "device": self.config.model.device}
+
+    def _worker_died(self, pid: int) -> None:
+        # its case goes back to the queue now (the attempt counts), not when its lease expires
+        recover_orphans(self.db, socket.gethostname(), self.config.queue.max_attempts, found="after its worker died")
 
     def _route(self) -> None:
         try:
@@ -137,6 +161,8 @@ class Node:
         self._stop.set()  # first: no new case is claimed while the listener closes
         if self.receiver is not None:
             self.receiver.stop()
+        if self.workers is not None:
+            self.workers.stop(grace + 10)  # each worker has the grace period to finish or re-queue its case
         if self.processor is not None and not self.processor.idle.wait(grace):
             self.processor.release_current(f"node stopped (SIGTERM) before the case finished ({grace:g} s grace)")
         if self._scheduler is not None:
