@@ -11,7 +11,6 @@ lesions; FP per patient). Progress bars on stderr.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.model import ILDDeepLabV3, combination_key
 from training.calibrate import evaluate_cases, model_combinations, pooled_threshold
 from training.data.cache import CachedCase
 from training.config import TrainConfig
+from training.formatting import fixed, mean_sd
 from training.metrics import PatientMetrics, count_group, evaluate_patient, summarise
 from training.splits import read_splits
 from training.trainer import load_cases
@@ -77,27 +77,16 @@ def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[Ca
             "other_thresholds": {k: {str(t): summarise(v) for t, v in d.items()} for k, d in other.items()}}
 
 
-def _pm(s: dict[str, Any], name: str, digits: int = 3) -> str:
-    mean, sd = s[name]["mean"], s[name]["sd"]
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f} +/- {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
-
-
-def _f(v: float, digits: int = 3) -> str:
-    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
-
-
 def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """The spec's table (AUC, Dice, IoU, recall, precision, FP/pt) plus lesion sensitivity, one row per entry."""
     head = ("| | n | AUC | Dice | IoU | recall | precision | FP/pt (none) | FP/pt (>=10 mm^3) | lesion sens. | "
             "lesion sens. >= 65 mm^3 |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, s in rows:
-        lines.append(f"| {name} | {s['n_patients']} | {_pm(s, 'auc')} | {_pm(s, 'dice')} | {_pm(s, 'iou')} | "
-                     f"{_pm(s, 'recall')} | {_pm(s, 'precision')} | {_f(s['fp_per_patient'], 1)} | "
-                     f"{_f(s['fp_10_per_patient'], 1)} | {_f(s['pooled_lesion_sensitivity'])} | "
-                     f"{_f(s['pooled_lesion_sensitivity_ge_65mm3'])} |")
+        lines.append(f"| {name} | {s['n_patients']} | {mean_sd(s, 'auc')} | {mean_sd(s, 'dice')} | "
+                     f"{mean_sd(s, 'iou')} | {mean_sd(s, 'recall')} | {mean_sd(s, 'precision')} | "
+                     f"{fixed(s['fp_per_patient'], 1)} | {fixed(s['fp_10_per_patient'], 1)} | "
+                     f"{fixed(s['pooled_lesion_sensitivity'])} | {fixed(s['pooled_lesion_sensitivity_ge_65mm3'])} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ physicist can sign (``../shared/spec/ild-method.md``, "Metrics"; ``docs/validati
 * :mod:`training.validate.compare`: two models per patient (Wilcoxon rank-sum and signed-rank tests).
 * :mod:`training.validate.run`: which cases and role combinations each model is run on; the whole validation.
 * :mod:`training.validate.tables` / :mod:`training.validate.figures`: the report's tables and plots.
+* :mod:`training.validate.content`: what the report shows, in order (both renderings draw it).
 * :mod:`training.validate.report` / :mod:`training.validate.pdf`: ``report.html``, ``report.pdf``,
   ``metrics.json`` and ``cases.csv``.
 """

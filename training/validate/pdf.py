@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 import matplotlib.image as mpimg
@@ -19,10 +18,8 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
+from training.validate.content import ReportContent
 from training.validate.tables import Table
-
-if TYPE_CHECKING:
-    from training.validate.report import ReportContent
 
 __all__ = ["write_pdf"]
 

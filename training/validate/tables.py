@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from training.metrics import COUNT_GROUPS
-from training.model_card import _f, _pm, markdown_table, short_name
+from training.formatting import fixed, mean_sd
+from training.model_card import markdown_table, short_name
 from training.validate.run import AS_ACQUIRED, primary_combination
 
 __all__ = ["Table", "all_tables", "dataset_table", "models_table", "row_name", "skipped_table", "summary_table",
@@ -56,8 +57,8 @@ def _operating_point(doc: dict[str, Any]) -> Table:
         for key, c in m["combinations"].items():
             s, roc = c["summary"], c["roc"]
             ci = roc["auc_ci95"]
-            rows.append([row_name(m, key), f"{m['threshold']:.4g}", _pm(s, "sensitivity"), _pm(s, "specificity"),
-                         _pm(s, "fpr", 5), _f(roc["auc"], 4),
+            rows.append([row_name(m, key), f"{m['threshold']:.4g}", mean_sd(s, "sensitivity"),
+                         mean_sd(s, "specificity"), mean_sd(s, "fpr", 5), fixed(roc["auc"], 4),
                          f"{ci[0]:.4f} - {ci[1]:.4f}" if math.isfinite(ci[0]) else "n/a"])
     return Table("Voxel operating point and pooled ROC",
                  ["", "threshold", "sensitivity", "specificity", "FPR", "pooled AUC", "95% CI (bootstrap)"], rows,
@@ -97,7 +98,7 @@ def _size_bins(doc: dict[str, Any]) -> Table:
         bins = m["combinations"][primary_combination(m)]["size_bins"]
         header = [""] + [f"[{b['low_mm3']:g}, {b['high_mm3']:g}) mm^3" for b in bins]
         rows.append([row_name(m, primary_combination(m))]
-                    + [f"{b['n_hit']}/{b['n_true']} ({_f(b['sensitivity'], 2)})" for b in bins])
+                    + [f"{b['n_hit']}/{b['n_true']} ({fixed(b['sensitivity'], 2)})" for b in bins])
     return Table("Lesion sensitivity by lesion volume", header, rows,
                  "GT lesions hit / GT lesions per volume bin, pooled over patients (65 mm^3 ~ a 5 mm sphere).")
 
@@ -106,7 +107,7 @@ def _comparison(doc: dict[str, Any]) -> list[Table]:
     out = []
     names = [f"{m['name']} {m['version']}" for m in doc["models"].values()]
     for key, per in doc["comparison"].items():
-        rows = [[name, str(r["n"]), _f(r["mean_a"], 4), _f(r["mean_b"], 4), _p(r["p_ranksum"]),
+        rows = [[name, str(r["n"]), fixed(r["mean_a"], 4), fixed(r["mean_b"], 4), _p(r["p_ranksum"]),
                  _p(r["p_signed_rank"]), "yes" if r["significant"] else "no"] for name, r in per.items()]
         out.append(Table(f"Comparison, {_combo(key)}: {names[0]} vs {names[1]}",
                          ["metric", "pairs", "mean " + names[0], "mean " + names[1], "p rank-sum (papers)",
@@ -137,7 +138,7 @@ def dataset_table(doc: dict[str, Any]) -> Table:
 
 def worst_table(worst: Sequence[dict[str, Any]]) -> Table:
     rows = [[w["case_id"], short_name("+".join(w["roles"])), str(w["n_lesions"]), str(w["n_hit"]), str(w["fp"]),
-             _f(w["dice"]), _f(w["iou"])] for w in worst]
+             fixed(w["dice"]), fixed(w["iou"])] for w in worst]
     return Table("Worst cases (lowest Dice)", ["case", "roles given", "GT lesions", "hit", "FP", "Dice", "IoU"], rows)
 
 
