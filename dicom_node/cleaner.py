@@ -27,6 +27,7 @@ from dicom_node.db import (
     Series,
     Study,
 )
+from dicom_node.storage import StorageLayout
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def purge(db: Database, storage_root: Path, older_than_days: float, *, dry_run: 
         if study_id in busy_ids:
             busy.append(uid)
             continue
-        folders = [storage_root / "incoming" / uid, storage_root / "results" / uid]
+        layout = StorageLayout(storage_root)
+        folders = [layout.study_incoming(uid), layout.study_results(uid)]
         freed += sum(_size(f) for f in folders)
         removed.append(uid)
         if dry_run:

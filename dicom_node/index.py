@@ -31,6 +31,7 @@ from dicom_node.headers import (
     read_instance_features,
 )
 from dicom_node.receiver import ROUTABLE_SOP_CLASSES, ReceivedInstance
+from dicom_node.storage import StorageLayout
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def study_series(session: Session, study_id: int, *, series_ids: set[int] | None
 def reindex_missing(db: Database, storage_root: Path) -> int:
     """Index files under ``<storage_root>/incoming`` that the database does not know (after a power cut
     lost the last transactions, or a restore from backup). Returns how many were added."""
-    incoming = storage_root / "incoming"
+    incoming = StorageLayout(storage_root).incoming
     if not incoming.is_dir():
         return 0
     with db.session() as s:

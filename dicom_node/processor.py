@@ -1,57 +1,27 @@
 """The worker: claims queued cases, runs the pipeline with a warm model, and stores the results.
 
-Results go to ``<storage.root>/results/<StudyInstanceUID>/`` (``seg.dcm`` only when there are lesions,
-``sr.dcm``, ``summary.json``, ``overview.png``); a later version N >= 2 of the same study goes to
-``.../<StudyInstanceUID>/version-N/`` so that it never overwrites the results already sent. Files
-are written to a temporary folder first and moved into place one by one, ``summary.json`` last:
-a ``summary.json`` present means the version's results are complete.
+Results go where :class:`~dicom_node.storage.StorageLayout` says (``results/<StudyInstanceUID>/``, a later
+version N >= 2 in ``.../version-N/``): written to a temporary folder first and published into place,
+``summary.json`` last, so that a ``summary.json`` present means the version's results are complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
 import traceback
 import uuid
-from pathlib import Path
 
 from dicom_node import __version__, metrics
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.queue import ClaimedCase, claim, complete, fail, release, renew
+from dicom_node.storage import StorageLayout
 
 log = logging.getLogger(__name__)
-
-#: Result files in the order they are moved into place (summary.json last: the completion marker).
-RESULT_FILES = ("seg.dcm", "sr.dcm", "overview.png", "summary.json")
-
-
-def results_dir(storage_root: Path, study_uid: str, version: int) -> Path:
-    """Where a case version's results live (``study_uid`` was validated by the receiver)."""
-    base = storage_root / "results" / study_uid
-    return base if version == 1 else base / f"version-{version}"
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Move the files written in ``tmp`` into ``final``, ``summary.json`` last; a stale SEG is removed."""
-    final.mkdir(parents=True, exist_ok=True)
-    stale = final / "seg.dcm"
-    if not (tmp / "seg.dcm").exists() and stale.exists():
-        stale.unlink()  # a count-0 SR must not sit next to an earlier attempt's SEG
-    for name in RESULT_FILES:
-        if (tmp / name).exists():
-            os.replace(tmp / name, final / name)
-    fd = os.open(final, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    shutil.rmtree(tmp, ignore_errors=True)
-
 
 class Processor:
     """One worker: a warm model and a loop that processes cases until told to stop."""
@@ -121,6 +91,7 @@ class Processor:
 
     def _process(self, case: ClaimedCase) -> None:
         from pipeline.io import SeriesLoadError
+        from pipeline.outputs import write_outputs
         from pipeline.registration import RegistrationSettings
         from pipeline.study import StudyError, StudySettings, run_study
 
@@ -138,10 +109,11 @@ class Processor:
             settings = StudySettings(device=cfg.model.device, software_version=__version__, threads=threads,
                                      registration=RegistrationSettings(threads=threads))
             result = run_study(files, self.model, self.meta, settings=settings)
-            final = results_dir(root, case.study_uid, case.version)
-            tmp = root / "results" / ".tmp" / f"{case.id}-{uuid.uuid4().hex[:8]}"
-            result.write(tmp)
-            publish(tmp, final)
+            layout = StorageLayout(root)
+            final = layout.results_dir(case.study_uid, case.version)
+            tmp = layout.tmp_dir(f"{case.id}-{uuid.uuid4().hex[:8]}")
+            write_outputs(result, tmp)
+            layout.publish(tmp, final)
         except (StudyError, SeriesLoadError) as exc:
             # The study itself cannot be processed: retrying gives the same answer.
             fail(self.db, case.id, self.owner, str(exc), max_attempts=cfg.queue.max_attempts, permanent=True)

@@ -90,7 +90,7 @@ from dicom_node.headers import (
 )
 from dicom_node.logs import install_filters
 from dicom_node.storage import (
-    INCOMING,
+    StorageLayout,
     UIDError,
     check_uid,
     free_gb,
@@ -794,7 +794,7 @@ class Receiver:
 
     def _stored_patient(self, study_uid: str) -> bytes | None:
         """The patient of an instance of ``study_uid`` already on disk (after a restart the memory is empty)."""
-        for path in (self._root / INCOMING / study_uid).glob("*/*.dcm"):
+        for path in StorageLayout(self._root).study_incoming(study_uid).glob("*/*.dcm"):
             try:
                 return self._patient_of(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]))
             except Exception as exc:  # noqa: BLE001 - an unreadable file says nothing about the patient

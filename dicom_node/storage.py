@@ -1,6 +1,14 @@
-"""Where received instances live on disk, and how they get there without being lost.
+"""Where received instances and results live on disk (:class:`StorageLayout`, the one owner of the
+layout), and how they get there without being lost.
 
-Layout: ``<storage.root>/incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+Layout under ``storage.root``:
+
+- ``incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: received instances;
+- ``results/<StudyInstanceUID>/`` (version 1) and ``results/<StudyInstanceUID>/version-N/`` (N >= 2): a case
+  version's result files (:data:`pipeline.outputs.OUTPUT_FILES`), written under ``results/.tmp/`` first and
+  moved into place by :meth:`StorageLayout.publish`, ``summary.json`` last;
+- ``quarantine/<YYYYMMDD>/``: refused instances (see below).
+
 Every UID comes from the network, so :func:`instance_path` checks each one against the DICOM UID
 syntax before it becomes part of a path: a UID such as ``1.2/../../x`` never reaches the
 filesystem.
@@ -23,12 +31,18 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.outputs import OUTPUT_FILES, SEG_FILE, drop_stale_seg
+
 INCOMING = "incoming"
+RESULTS = "results"
 QUARANTINE = "quarantine"
+_TMP = ".tmp"  # under results/: result files being written, not yet published
 
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
@@ -58,12 +72,64 @@ def check_uid(uid: str, what: str) -> str:
     return uid
 
 
+@dataclass(frozen=True)
+class StorageLayout:
+    """Every path under ``root`` (= ``storage.root``): see the module docstring."""
+
+    root: Path
+
+    @property
+    def incoming(self) -> Path:
+        return Path(self.root) / INCOMING
+
+    @property
+    def quarantine_root(self) -> Path:
+        return Path(self.root) / QUARANTINE
+
+    def study_incoming(self, study_uid: str) -> Path:
+        """``incoming/<study>``: the study's received series (``study_uid`` as indexed, validated on receipt)."""
+        return self.incoming / study_uid
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """``incoming/<study>/<series>/<sop>.dcm``; :class:`UIDError` when any UID is invalid."""
+        check_uid(study_uid, "StudyInstanceUID")
+        check_uid(series_uid, "SeriesInstanceUID")
+        check_uid(sop_uid, "SOPInstanceUID")
+        return self.study_incoming(study_uid) / series_uid / (sop_uid + ".dcm")
+
+    def study_results(self, study_uid: str) -> Path:
+        """``results/<study>``: every version's results of the study."""
+        return Path(self.root) / RESULTS / study_uid
+
+    def results_dir(self, study_uid: str, version: int) -> Path:
+        """Where a case version's results live: a later version never overwrites the results already sent."""
+        base = self.study_results(study_uid)
+        return base if version == 1 else base / f"version-{version}"
+
+    def tmp_dir(self, name: str) -> Path:
+        """``results/.tmp/<name>``: where a run writes its results before :meth:`publish`."""
+        return Path(self.root) / RESULTS / _TMP / name
+
+    def quarantine_dir(self, now: float) -> Path:
+        """``quarantine/<YYYYMMDD>`` of the UTC day of ``now`` (seconds since the epoch)."""
+        return self.quarantine_root / time.strftime("%Y%m%d", time.gmtime(now))
+
+    @staticmethod
+    def publish(tmp: Path, final: Path) -> None:
+        """Move the result files written in ``tmp`` into ``final``, ``summary.json`` last (the completion
+        marker); a SEG left in ``final`` by an earlier attempt goes when this one has none."""
+        final.mkdir(parents=True, exist_ok=True)
+        drop_stale_seg(final, has_seg=(tmp / SEG_FILE).exists())
+        for name in OUTPUT_FILES:
+            if (tmp / name).exists():
+                os.replace(tmp / name, final / name)
+        _fsync_dir(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """``root/incoming/<study>/<series>/<sop>.dcm``; :class:`UIDError` when any UID is invalid."""
-    check_uid(study_uid, "StudyInstanceUID")
-    check_uid(series_uid, "SeriesInstanceUID")
-    check_uid(sop_uid, "SOPInstanceUID")
-    return Path(root) / INCOMING / study_uid / series_uid / (sop_uid + ".dcm")
+    return StorageLayout(Path(root)).instance_path(study_uid, series_uid, sop_uid)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -151,7 +217,7 @@ def quarantine(root: Path, data: bytes, reason: dict[str, Any], *, now: float | 
     complete entry (:func:`quarantine_count` counts those).
     """
     now = time.time() if now is None else now
-    folder = Path(root) / QUARANTINE / time.strftime("%Y%m%d", time.gmtime(now))
+    folder = StorageLayout(Path(root)).quarantine_dir(now)
     path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.dcm"
     write_durably(path, data)
     record = {**reason, "file": path.name, "size_bytes": len(data),
@@ -162,5 +228,5 @@ def quarantine(root: Path, data: bytes, reason: dict[str, Any], *, now: float | 
 
 def quarantine_count(root: Path) -> int:
     """How many entries ``root/quarantine`` holds (for ``dicom-node status``); 0 when there is none."""
-    folder = Path(root) / QUARANTINE
+    folder = StorageLayout(Path(root)).quarantine_root
     return sum(1 for _ in folder.glob("*/*.json")) if folder.is_dir() else 0

@@ -1,4 +1,4 @@
-"""A PNG overview of a :class:`~pipeline.study.StudyResult` for a person to look at (not for diagnosis).
+"""A PNG overview of a :class:`~pipeline.result.StudyResult` for a person to look at (not for diagnosis).
 
 Up to four panels, one per largest lesion: the axial slice (radiological view: patient's right on the image's
 left, anterior on top) of the reference series (the post-contrast T1) through the slice where that lesion is
@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from pipeline.preprocess import model_grid, resample_to_grid
 
 if TYPE_CHECKING:
-    from pipeline.study import StudyResult
+    from pipeline.result import StudyResult
 
 __all__ = ["MAX_PANELS", "write_overview"]
 

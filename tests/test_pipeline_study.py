@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from pipeline.model import ILDDeepLabV3, ModelConfig
+from pipeline.outputs import write_outputs
 from pipeline.study import StudyError, StudySettings, run_study
 from training.phantom import generate_study
 from training.phantom.dicom_writer import plan_study, write_dicom_study
@@ -119,7 +120,7 @@ def full(tmp_path_factory):
     model, meta = load_checkpoint(known_checkpoint(tmp / "m.safetensors", "t1_bravo_post"))
     calls: list[tuple[int, int]] = []
     result = run_study(files, model, meta, settings=FAST, progress=lambda d, t: calls.append((d, t)))
-    written = result.write(tmp / "out")
+    written = write_outputs(result, tmp / "out")
     return study, files, result, written, calls
 
 
@@ -257,7 +258,7 @@ def test_missing_bravo_uses_cube_post(tmp_path):
     result = run_study(files, model, meta, settings=FAST)
     assert result.reference_role == "t1_cube_post"
     assert result.inference.roles_used == ("t1_cube_pre", "t1_cube_post", "flair")
-    written = result.write(tmp_path / "out")
+    written = write_outputs(result, tmp_path / "out")
     s = json.loads(written["summary"].read_text())
     assert s["roles_missing"] == ["t1_bravo_post"] and s["reference_role"] == "t1_cube_post"
     assert s["expected_performance"] is None  # the checkpoint has no validation figures for these three roles
@@ -274,7 +275,7 @@ def test_no_lesion_study(tmp_path):
     out.mkdir()
     (out / "seg.dcm").write_bytes(b"stale")
     result = run_study(files, model, meta, settings=FAST)
-    written = result.write(out)
+    written = write_outputs(result, out)
     assert result.lesions.count_all == 0 and result.seg is None
     assert not (out / "seg.dcm").exists() and "seg" not in written
     s = json.loads(written["summary"].read_text())
@@ -323,7 +324,7 @@ def test_single_lesion_seg_and_sr(tmp_path):
     assert result.lesions.count_all == 1
     d = np.linalg.norm(np.subtract(result.lesions.lesions[0].centroid_lps_mm, study.lesions[0].centroid_lps_mm))
     assert d < 6.0  # a 27 mm3 lesion = one 3 mm voxel: within a voxel diagonal (5.2 mm)
-    written = result.write(tmp_path / "out")
+    written = write_outputs(result, tmp_path / "out")
     seg = pydicom.dcmread(written["seg"])
     assert len(seg.SegmentSequence) == 1
     sr = pydicom.dcmread(written["sr"])

@@ -36,10 +36,10 @@ from test_queue import RULES, _receive
 from dicom_node import __version__, metrics
 from dicom_node.config import NodeConfig
 from dicom_node.db import open_database
-from dicom_node.processor import results_dir
 from dicom_node.queue import claim, complete
 from dicom_node.router import route_complete_studies
 from dicom_node.status import node_status
+from dicom_node.storage import StorageLayout
 from dicom_node.web import create_app
 
 with warnings.catch_warnings():  # starlette's TestClient announces a future move to httpx2
@@ -125,7 +125,7 @@ def filled(tmp_path_factory, study_dir):
     uid = case.study_uid
     study = node_status(db, study_uid=uid)["studies"][0]
     summary = _summary(study)
-    folder = results_dir(root, uid, case.version)
+    folder = StorageLayout(root).results_dir(uid, case.version)
     folder.mkdir(parents=True)
     Image.new("RGB", (64, 48), (40, 40, 40)).save(folder / "overview.png")
     (folder / "summary.json").write_text(json.dumps(summary))

@@ -92,6 +92,7 @@ def segment(
 
     from pipeline.checkpoint import CheckpointError, load_checkpoint
     from pipeline.io import SeriesLoadError
+    from pipeline.outputs import write_outputs
     from pipeline.study import StudyError, StudySettings, run_study
 
     try:
@@ -114,7 +115,7 @@ def segment(
     finally:
         if bar:
             bar[0].close()
-    written = result.write(out)
+    written = write_outputs(result, out)
     res = result.lesions
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)

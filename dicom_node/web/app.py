@@ -37,10 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dicom_node import __version__, metrics
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
-from dicom_node.processor import results_dir
 from dicom_node.rules import RuleSet
 from dicom_node.status import node_status
-from dicom_node.storage import free_gb, valid_uid
+from dicom_node.storage import StorageLayout, free_gb, valid_uid
+from pipeline.outputs import OVERVIEW_FILE
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class Dashboard:
             candidates.append(case["version"])
         candidates += [v["version"] for v in study["earlier_versions"] if v["state"] in ("done", "sent")]
         for version in candidates:
-            folder = results_dir(self.root, uid, version)
+            folder = StorageLayout(self.root).results_dir(uid, version)
             if self._inside(folder) and (folder / "summary.json").is_file():
                 return version, folder
         return None, None
@@ -301,7 +301,7 @@ def create_app(config: NodeConfig, db: Database, *, rules: RuleSet | None = None
             version = data["results_version"]
         if version is None:
             raise HTTPException(404, "no results for this study yet")
-        path = results_dir(dash.root, study_uid, version) / "overview.png"
+        path = StorageLayout(dash.root).results_dir(study_uid, version) / OVERVIEW_FILE
         if not dash._inside(path) or not path.is_file():
             raise HTTPException(404, f"no overview image for version {version}")
         return FileResponse(path, media_type="image/png")
