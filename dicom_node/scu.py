@@ -490,7 +490,30 @@ def _open(
         LOG.warning("%s", error.reason)
         raise error
     _pop_connect_error(assoc)
+    _keep_answers_the_reactor_takes(assoc)
     return assoc
+
+
+def _keep_answers_the_reactor_takes(assoc: Association) -> None:
+    """Give back to the waiting ``send_c_*`` call any answer that pynetdicom's association reactor takes.
+
+    pynetdicom (3.0.4 and its main branch) pauses the requestor's reactor for a request by clearing
+    ``_reactor_checkpoint`` and polling ``_is_paused``, but the reactor sets ``_is_paused = False`` only *after*
+    its ``wait()`` returns. A reactor thread descheduled between those two lines looks paused; the request goes
+    out, the peer answers at once, and the reactor then takes the answer off the DIMSE queue and drops it as an
+    "unexpected" message: the sender waits its whole DIMSE timeout for an answer the peer gave, and sends again
+    (a C-STORE stored twice). Under CPU load this hit about one demo run in six (#19). The reactor of a
+    requestor serves no requests of ours, so an answer reaching it is put back where the sender waits.
+    """
+    serve = assoc._serve_request
+
+    def serve_or_give_back(msg: Any, context_id: int) -> None:
+        if msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+        else:
+            serve(msg, context_id)
+
+    assoc._serve_request = serve_or_give_back  # type: ignore[method-assign]
 
 
 def _release(assoc: Association) -> None:

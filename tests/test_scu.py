@@ -461,6 +461,45 @@ def test_no_store_response_in_time_is_transient(scp, tmp_path: Path) -> None:
     assert err.value.transient and "no C-STORE response within 2 s" in err.value.reason
 
 
+class _LateWake(threading.Event):
+    """A reactor checkpoint whose ``wait()`` returns 0.2 s late: the association reactor descheduled just
+    after its checkpoint opened, before it marks itself unpaused (the window of the race below)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        opened = super().wait(timeout)
+        time.sleep(0.2)
+        return opened
+
+
+@needs_storescp
+def test_answer_taken_by_a_late_reactor_still_reaches_the_sender(storescp, tmp_path: Path, monkeypatch) -> None:
+    """#19: pynetdicom's requestor reactor, descheduled between its checkpoint ``wait()`` and ``_is_paused =
+    False``, takes the C-STORE answer off the DIMSE queue and drops it; unmended, each store here waits the
+    whole 3 s DIMSE timeout and the send fails after storescp stored the file (and a retry stores it twice)."""
+    real_associate = AE.associate
+
+    def associate_late_reactor(self: AE, *args: object, **kwargs: object):
+        assoc = real_associate(self, *args, **kwargs)
+        checkpoint = _LateWake()
+        checkpoint.set()
+        assoc._reactor_checkpoint = checkpoint
+        send_msg = assoc.dimse.send_msg
+
+        def send_then_deschedule(primitive: object, context_id: int) -> None:
+            send_msg(primitive, context_id)
+            time.sleep(0.4)  # the sender thread descheduled before it waits: the answer is in before it
+
+        assoc.dimse.send_msg = send_then_deschedule
+        time.sleep(0.05)  # the reactor is now past the old checkpoint, sleeping in the new one's late wake
+        return assoc
+
+    monkeypatch.setattr(AE, "associate", associate_late_reactor)
+    peer, out = storescp()
+    report = send_files(make_series(tmp_path / "s", 3), peer, calling_ae=ME, timeout=3)
+    assert report.sent == 3 and len(received(out)) == 3
+    assert report.seconds < 3 * 1.5  # three stores of ~0.4 s each: no answer waited for until the timeout
+
+
 def test_unreadable_file_is_reported_without_sending(scp, tmp_path: Path) -> None:
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
