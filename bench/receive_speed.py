@@ -1,11 +1,12 @@
 """Receive speed of the node's DICOM receiver against DCMTK storescp, for the same storescu transfer on loopback.
 
     .venv/bin/python bench/receive_speed.py [--instances 800] [--repeat 3] [--work DIR] [--nagle both|off|on]
-                                            [--sink index|none]
+                                            [--sink index|none] [--associations 1,4]
 
 A synthetic classic MR series (256 x 256 uint16, ~130 KB per instance, Explicit VR Little Endian) is
 generated once (kept under ``--work`` when given, else in a temporary folder). Each round sends the whole
-folder with one ``storescu +sd`` association to
+study with K concurrent ``storescu +sd`` runs, one association each, the study split into K equal folders
+(``--associations``: one table per K, default 1 and 4, as a PACS often opens several), to
 
 * DCMTK ``storescp`` (default options, writing into a fresh temporary folder; note that storescp does
   NOT fsync the files it writes), and
@@ -13,8 +14,12 @@ folder with one ``storescu +sd`` association to
   fresh SQLite database (``--sink index``, default: the real receive path of ``dicom-node serve``) or
   none (``--sink none``: the receiver alone); it fsyncs every file and its folder before answering success,
 
-timing each from storescu start to its exit. The table gives the median over ``--repeat`` rounds of
-instances/s and MB/s (1 MB = 1e6 bytes of files sent) and the ratio ours / storescp; the target is >= 0.90.
+* pynetdicom alone: an SCP that answers success without storing anything, with the receiver's maximum PDU
+  size (the ceiling of any receiver on pynetdicom, the library the design requires),
+
+timing each from the first storescu start to the last exit. The table gives the median over ``--repeat``
+rounds of instances/s and MB/s (1 MB = 1e6 bytes of files sent) and the ratios ours / storescp and
+ours / pynetdicom alone (target >= 0.90 of pynetdicom alone, issue #19).
 
 Nagle: this Debian DCMTK build leaves Nagle's algorithm on unless the environment says ``TCP_NODELAY=1``;
 then every C-STORE round trip with storescp stalls ~40 ms on delayed ACKs (storescp manages ~21
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +53,7 @@ from node_harness import free_port, port_open, wait_for
 
 from dicom_node.config import NodeConfig
 from dicom_node.logs import setup_logging
-from dicom_node.receiver import ReceivedInstance, Receiver
+from dicom_node.receiver import MAX_PDU_SIZE, ReceivedInstance, Receiver
 
 AE_TITLE = "ILD_NODE"
 
@@ -108,6 +114,17 @@ def study_files(work: Path, n: int) -> list[Path]:
     return files
 
 
+def split_folders(files: list[Path], k: int, work: Path) -> list[Path]:
+    """``files`` in ``k`` folders of (nearly) equal size (hard links), one per association."""
+    parts = [work / f"part-{k}-{i}" for i in range(k)]
+    for i, folder in enumerate(parts):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for f in files[i::k]:
+            os.link(f, folder / f.name)
+    return parts
+
+
 def dcmtk_env(nagle: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TCP_NODELAY", None)
@@ -116,25 +133,36 @@ def dcmtk_env(nagle: bool) -> dict[str, str]:
     return env
 
 
-def storescu(port: int, folder: Path, nagle: bool) -> float:
-    """Send ``folder`` in one association; seconds from start to exit."""
-    cmd = ["storescu", "-aec", AE_TITLE, "+sd", "-r", "127.0.0.1", str(port), str(folder)]
+def storescu(port: int, folders: list[Path], nagle: bool) -> float:
+    """Send each of ``folders`` over its own association, all at once; seconds from start to the last exit."""
+    errors: list[str] = []
+
+    def one(folder: Path) -> None:
+        cmd = ["storescu", "-aec", AE_TITLE, "+sd", "-r", "127.0.0.1", str(port), str(folder)]
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True, env=dcmtk_env(nagle))
+        if run.returncode != 0 or "E:" in run.stderr:
+            errors.append(f"storescu failed ({run.returncode}): {run.stderr[-2000:]}")
+
+    threads = [threading.Thread(target=one, args=(f,)) for f in folders]
     t0 = time.perf_counter()
-    run = subprocess.run(cmd, check=False, capture_output=True, text=True, env=dcmtk_env(nagle))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     elapsed = time.perf_counter() - t0
-    if run.returncode != 0 or "E:" in run.stderr:
-        raise RuntimeError(f"storescu failed ({run.returncode}): {run.stderr[-2000:]}")
+    if errors:
+        raise RuntimeError(errors[0])
     return elapsed
 
 
-def round_storescp(folder: Path, n: int, nagle: bool) -> float:
+def round_storescp(folders: list[Path], n: int, nagle: bool) -> float:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="storescp-") as out:
         proc = subprocess.Popen(["storescp", "-aet", AE_TITLE, "-od", out, str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env(nagle))
         try:
             wait_for(lambda: port_open(port), 10, f"storescp on port {port}", interval=0.02)
-            elapsed = storescu(port, folder, nagle)
+            elapsed = storescu(port, folders, nagle)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -144,7 +172,7 @@ def round_storescp(folder: Path, n: int, nagle: bool) -> float:
     return elapsed
 
 
-def round_ours(folder: Path, n: int, nagle: bool,
+def round_ours(folders: list[Path], n: int, nagle: bool,
                sink_factory: Callable[[NodeConfig], Callable[[ReceivedInstance], None]] | None) -> float:
     with tempfile.TemporaryDirectory(prefix="receiver-") as out:
         base = NodeConfig()
@@ -154,14 +182,17 @@ def round_ours(folder: Path, n: int, nagle: bool,
         })
         count = [0]
 
+        lock = threading.Lock()
+
         def no_op(instance: ReceivedInstance) -> None:
-            count[0] += 1
+            with lock:
+                count[0] += 1
 
         sink = sink_factory(config) if sink_factory is not None else no_op
         receiver = Receiver(config, sink)
         receiver.start()
         try:
-            elapsed = storescu(receiver.port, folder, nagle)
+            elapsed = storescu(receiver.port, folders, nagle)
         finally:
             receiver.stop()
         got = sum(1 for _ in (Path(out) / "incoming").rglob("*.dcm"))
@@ -170,25 +201,28 @@ def round_ours(folder: Path, n: int, nagle: bool,
     return elapsed
 
 
-def round_floor(folder: Path, n: int, nagle: bool) -> float:
+def round_floor(folders: list[Path], n: int, nagle: bool) -> float:
     """pynetdicom alone: an SCP whose C-STORE handler answers success without looking at or storing anything.
     The ceiling of any receiver built on pynetdicom (the library the design requires)."""
     from pynetdicom import AE, evt
     from pynetdicom.presentation import AllStoragePresentationContexts
 
     ae = AE(ae_title=AE_TITLE)
+    ae.maximum_pdu_size = MAX_PDU_SIZE  # as the receiver: the same PDUs come in
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax)
     seen = [0]
+    lock = threading.Lock()
 
     def answer(_event: object) -> int:
-        seen[0] += 1
+        with lock:
+            seen[0] += 1
         return 0x0000
 
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, answer)])
     try:
-        elapsed = storescu(port, folder, nagle)
+        elapsed = storescu(port, folders, nagle)
     finally:
         server.shutdown()
     if seen[0] != n:
@@ -214,8 +248,11 @@ def main() -> None:
                     help="index: the node's index on SQLite, as `serve` runs it (default); none: the receiver alone")
     ap.add_argument("--nagle", choices=("both", "off", "on"), default="both",
                     help="DCMTK tools with Nagle's algorithm off (TCP_NODELAY=1), on (as shipped) or both (default)")
+    ap.add_argument("--associations", default="1,4",
+                    help="comma-separated numbers of concurrent associations, one table each (default 1,4)")
     ap.add_argument("--log-level", default="WARNING", help="log level during the runs (default WARNING)")
     args = ap.parse_args()
+    counts = [int(k) for k in args.associations.split(",")]
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} (DCMTK) not found on PATH")
@@ -231,33 +268,34 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
     try:
         files = study_files(work, args.instances)
-        folder = files[0].parent
         n = len(files)
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(f"study: {n} instances, {megabytes:.1f} MB ({megabytes * 1e3 / n:.0f} KB each), Explicit VR LE; "
-              f"storescu +sd, one association, loopback; {args.repeat} rounds, alternating; {os.cpu_count()} CPUs")
+              f"storescu +sd, loopback; {args.repeat} rounds, alternating; {os.cpu_count()} CPUs")
         sink = "index on SQLite" if args.sink == "index" else "no sink"
         labels = {"storescp": "DCMTK storescp (default options, no fsync)", "ours": f"Receiver ({sink}, fsync per file)",
                   "floor": "pynetdicom alone (answers, stores nothing)"}
         modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.nagle]
         for nagle in modes:
-            title = "Nagle on (DCMTK as shipped)" if nagle else "Nagle off (DCMTK tools with TCP_NODELAY=1)"
-            print(f"\n== {title}")
-            times: dict[str, list[float]] = {"storescp": [], "ours": [], "floor": []}
-            for r in range(args.repeat):
-                times["storescp"].append(round_storescp(folder, n, nagle))
-                times["ours"].append(round_ours(folder, n, nagle, sink_factory))
-                times["floor"].append(round_floor(folder, n, nagle))
-                print(f"  round {r + 1}: storescp {times['storescp'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s, "
-                      f"pynetdicom alone {times['floor'][-1]:.2f} s", flush=True)
-            print(f"  {'receiver':<46} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
-            med = {k: statistics.median(v) for k, v in times.items()}
-            for k, label in labels.items():
-                print(f"  {label:<46} {med[k]:9.2f} {n / med[k]:8.0f} {megabytes / med[k]:7.1f}")
-            ratio = med["storescp"] / med["ours"]
-            print(f"  ratio ours / storescp (instances/s): {ratio:.2f}  "
-                  f"(target >= 0.90: {'OK' if ratio >= 0.9 else 'BELOW'}); pynetdicom alone / storescp: "
-                  f"{med['storescp'] / med['floor']:.2f}", flush=True)
+            for k in counts:
+                folders = split_folders(files, k, work)
+                title = "Nagle on (DCMTK as shipped)" if nagle else "Nagle off (DCMTK tools with TCP_NODELAY=1)"
+                print(f"\n== {title}, {k} association(s)")
+                times: dict[str, list[float]] = {"storescp": [], "ours": [], "floor": []}
+                for r in range(args.repeat):
+                    times["storescp"].append(round_storescp(folders, n, nagle))
+                    times["ours"].append(round_ours(folders, n, nagle, sink_factory))
+                    times["floor"].append(round_floor(folders, n, nagle))
+                    print(f"  round {r + 1}: storescp {times['storescp'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s, "
+                          f"pynetdicom alone {times['floor'][-1]:.2f} s", flush=True)
+                print(f"  {'receiver':<46} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
+                med = {key: statistics.median(v) for key, v in times.items()}
+                for key, label in labels.items():
+                    print(f"  {label:<46} {med[key]:9.2f} {n / med[key]:8.0f} {megabytes / med[key]:7.1f}")
+                to_floor = med["floor"] / med["ours"]
+                print(f"  ratio ours / pynetdicom alone: {to_floor:.2f} (target >= 0.90: "
+                      f"{'OK' if to_floor >= 0.9 else 'BELOW'}); ours / storescp: {med['storescp'] / med['ours']:.2f}; "
+                      f"pynetdicom alone / storescp: {med['storescp'] / med['floor']:.2f}", flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()

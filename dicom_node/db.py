@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,10 +217,25 @@ class Database:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._readers = sessionmaker(engine.execution_options(read_only=True), expire_on_commit=False)
+        # SQLite has one writer at a time. Threads of this process that meet at BEGIN IMMEDIATE would wait in
+        # SQLite's busy handler, which sleeps 1, 2, 5, 10 ... 100 ms between tries: with four associations
+        # indexing at once the receiver spent most of its time asleep there. Writers of one process take
+        # turns on this lock instead (woken the moment it is free); other processes still meet the busy handler.
+        self._write_turn = threading.RLock() if engine.dialect.name == "sqlite" else None
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """This process's turn to write (SQLite; no-op on PostgreSQL, which has row locks): hold it around a
+        write transaction made on ``engine`` directly. :meth:`session` holds it itself."""
+        if self._write_turn is None:
+            yield
+            return
+        with self._write_turn:
+            yield
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions() as s, s.begin():
+        with self.writing(), self._sessions() as s, s.begin():
             yield s
 
     @contextmanager

@@ -96,7 +96,7 @@ class Index:
                 self._series[inst.series_instance_uid] = ids
         series_id, study_id = ids
         h = inst.header
-        with self.db.engine.begin() as conn:
+        with self.db.writing(), self.db.engine.begin() as conn:
             new = conn.execute(_INSERT_INSTANCE, {
                 "series_id": series_id, "sop_uid": inst.sop_instance_uid, "sop_class_uid": inst.sop_class_uid,
                 "path": inst.relative_path, "size_bytes": inst.size_bytes, "transfer_syntax": inst.transfer_syntax_uid,
