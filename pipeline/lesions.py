@@ -10,6 +10,9 @@ Conventions (see ``../shared/spec/ild-method.md``, "Metrics"):
 * Maximum diameter = the largest distance (mm) between two voxel centres of the component. It is computed on
   the vertices of the convex hull of the boundary voxel centres (an interior voxel, whose 6 face neighbours are
   all in the component, is the midpoint of two of them and so never a hull vertex): exact and fast.
+* Longest in-plane diameter (RANO-BM's unidimensional measurement) and its perpendicular short axis: per slice of
+  the image grid (the reference images' plane, axial for an axial reference series), see
+  :func:`in_plane_diameters`; the lesion's :class:`InPlaneDiameter` is the one of the slice where it is longest.
 * Lesions are numbered 1..N by decreasing volume (ties: raster order of their first voxel), and the ``labels``
   image (uint16, same grid as the input) holds that number.
 * ``count_ge_10mm3`` counts lesions with volume >= ``min_volume_mm3_for_count`` (10 mm^3 by default, the
@@ -26,9 +29,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import pdist, squareform
 
-__all__ = ["MAX_LESIONS", "STRUCTURE_26", "Lesion", "LesionResult", "find_lesions"]
+__all__ = ["MAX_LESIONS", "STRUCTURE_26", "InPlaneDiameter", "Lesion", "LesionResult", "find_lesions", "in_plane_diameters"]
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 """26-connectivity structuring element for :func:`scipy.ndimage.label`."""
@@ -42,6 +45,22 @@ _PDIST_DIRECT_MAX = 64  # below this many boundary points, skip the hull and com
 
 
 @dataclass(frozen=True)
+class InPlaneDiameter:
+    """A lesion's longest diameter within one slice and the short axis perpendicular to it.
+
+    Points are (row, column) pixel indices of the slice, 0-based, at pixel CENTRES (numpy axes 1 and 2 of the
+    label array; continuous values for the short axis). Lengths in mm. DICOM SCOORD image coordinates are
+    (column + 0.5, row + 0.5): see :func:`pipeline.dicom_out.sr.write_sr`.
+    """
+
+    slice_index: int  # numpy axis 0 of the label array (the slice where the long axis is longest)
+    long_axis_mm: float  # between two voxel centres of the slice's component; 0 for a single-voxel slice
+    long_axis: tuple[tuple[float, float], tuple[float, float]]  # ((row, col), (row, col)) end points
+    short_axis_mm: float  # 0 when nothing of the slice lies across the long axis (one voxel wide)
+    short_axis: tuple[tuple[float, float], tuple[float, float]] | None  # None when short_axis_mm is 0
+
+
+@dataclass(frozen=True)
 class Lesion:
     """One connected component of the thresholded probability map."""
 
@@ -50,6 +69,7 @@ class Lesion:
     volume_mm3: float
     centroid_lps_mm: tuple[float, float, float]
     max_diameter_mm: float
+    in_plane: InPlaneDiameter  # longest in-plane diameter (RANO-BM), in bbox-independent slice/pixel indices
     mean_probability: float
     max_probability: float
     bbox_index: tuple[tuple[int, int], ...]  # ((z0, z1), (y0, y1), (x0, x1)) half-open, numpy (slice, row, col) order
@@ -77,17 +97,103 @@ def _index_to_lps(image: sitk.Image, zyx: np.ndarray) -> np.ndarray:
     return origin + (xyz * spacing) @ direction.T
 
 
-def _max_distance(points: np.ndarray) -> float:
-    """Largest pairwise Euclidean distance of (N, 3) points (0 for a single point)."""
+def _farthest_pair(points: np.ndarray) -> tuple[int, int, float]:
+    """Indices (i, j) into ``points`` ((N, D) coordinates, D = 2 or 3) of the two farthest apart, and their
+    Euclidean distance ((0, 0, 0.0) for a single point)."""
     if len(points) < 2:
-        return 0.0
+        return 0, 0, 0.0
+    candidates = np.arange(len(points))
     if len(points) > _PDIST_DIRECT_MAX:
         try:
             # QJ joggles degenerate (flat, collinear) inputs; vertices index the original, exact coordinates.
-            points = points[ConvexHull(points, qhull_options="QJ").vertices]
+            candidates = ConvexHull(points, qhull_options="QJ").vertices
         except (QhullError, ValueError):
             pass
-    return float(pdist(points).max())
+    distances = squareform(pdist(points[candidates]))
+    a, b = np.unravel_index(int(np.argmax(distances)), distances.shape)
+    return int(candidates[a]), int(candidates[b]), float(distances[a, b])
+
+
+def _max_distance(points: np.ndarray) -> float:
+    """Largest pairwise Euclidean distance of (N, 3) points (0 for a single point)."""
+    return _farthest_pair(points)[2]
+
+
+def _short_axis(pixels_mm: np.ndarray, a: np.ndarray, b: np.ndarray, step_mm: float
+                ) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """Longest extent of ``pixels_mm`` ((N, 2) pixel centres, mm) perpendicular to the segment a-b, measured in
+    strips ``step_mm`` wide across it; (length, end 1, end 2) in mm, or None when no strip is wider than 0."""
+    u = (b - a) / np.linalg.norm(b - a)
+    v = np.array([-u[1], u[0]])
+    t = (pixels_mm - a) @ u
+    s = (pixels_mm - a) @ v
+    strip = np.rint(t / step_mm).astype(np.int64)
+    strip -= strip.min()
+    lo = np.full(strip.max() + 1, np.inf)
+    hi = np.full(strip.max() + 1, -np.inf)
+    np.minimum.at(lo, strip, s)
+    np.maximum.at(hi, strip, s)
+    widths = hi - lo
+    k = int(np.argmax(widths))
+    if widths[k] <= 0:
+        return None
+    t0 = float(t[strip == k].mean())  # both ends at one position along a-b: exactly perpendicular
+    return float(widths[k]), a + t0 * u + lo[k] * v, a + t0 * u + hi[k] * v
+
+
+def in_plane_diameters(mask: np.ndarray, spacing_mm: tuple[float, float]) -> InPlaneDiameter:
+    """Longest in-plane diameter of ``mask`` and the perpendicular short axis, on the slice where it is longest.
+
+    ``mask``: (slice, row, col) boolean array holding one lesion (any connectivity). ``spacing_mm``: (row
+    spacing, column spacing) in mm, i.e. DICOM PixelSpacing order (SimpleITK spacing[1], spacing[0]).
+    Per slice, the long axis is the largest distance between two pixel centres of the slice's foreground (on
+    the convex hull of its boundary pixels, as :func:`find_lesions`' 3D diameter); the slice with the longest
+    one wins (ties: the larger area, then the lower index). The short axis is the longest extent of the slice's
+    pixel centres perpendicular to the long axis, measured in strips one pixel (the smaller spacing) wide
+    across the long axis; both its ends lie on one line perpendicular to it. Raises ``ValueError`` for an
+    empty mask.
+    """
+    if mask.ndim != 3 or not mask.any():
+        raise ValueError("mask must be a non-empty 3D array")
+    scale = np.asarray(spacing_mm, dtype=float)
+    best: tuple[float, int, int] | None = None  # (length, area, -slice)
+    best_pair: tuple[np.ndarray, np.ndarray] = (np.zeros(2), np.zeros(2))
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        plane = mask[z]
+        edge = plane & ~ndimage.binary_erosion(plane, border_value=0)
+        points = np.argwhere(edge) * scale
+        i, j, length = _farthest_pair(points)
+        key = (length, int(plane.sum()), -int(z))
+        if best is None or key > best:
+            best, best_pair = key, (points[i], points[j])
+    assert best is not None
+    length, _, minus_z = best
+    z = -minus_z
+    a, b = best_pair
+    short = _short_axis(np.argwhere(mask[z]) * scale, a, b, float(scale.min())) if length > 0 else None
+
+    def index(point_mm: np.ndarray) -> tuple[float, float]:
+        row, col = point_mm / scale
+        return float(row), float(col)
+
+    return InPlaneDiameter(
+        slice_index=int(z),
+        long_axis_mm=length,
+        long_axis=(index(a), index(b)),
+        short_axis_mm=short[0] if short else 0.0,
+        short_axis=(index(short[1]), index(short[2])) if short else None,
+    )
+
+
+def _offset(d: InPlaneDiameter, offset: np.ndarray) -> InPlaneDiameter:
+    """``d`` of a bounding-box crop moved to the indices of the full array (``offset`` = crop start, z y x)."""
+    z0, r0, c0 = (int(v) for v in offset)
+
+    def move(pair: tuple[tuple[float, float], tuple[float, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
+        return (pair[0][0] + r0, pair[0][1] + c0), (pair[1][0] + r0, pair[1][1] + c0)
+
+    return InPlaneDiameter(slice_index=d.slice_index + z0, long_axis_mm=d.long_axis_mm, long_axis=move(d.long_axis),
+                           short_axis_mm=d.short_axis_mm, short_axis=move(d.short_axis) if d.short_axis else None)
 
 
 def find_lesions(
@@ -109,6 +215,7 @@ def find_lesions(
     if n > MAX_LESIONS:
         raise ValueError(f"{n} connected components do not fit a uint16 label image (max {MAX_LESIONS})")
     voxel_mm3 = float(np.prod(probability.GetSpacing()))
+    spacing_rc = (float(probability.GetSpacing()[1]), float(probability.GetSpacing()[0]))
 
     objects = ndimage.find_objects(raw)
     counts = np.bincount(raw.ravel(), minlength=n + 1)[1:]
@@ -134,6 +241,7 @@ def find_lesions(
             volume_mm3=float(counts[k]) * voxel_mm3,
             centroid_lps_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
             max_diameter_mm=_max_distance(surface),
+            in_plane=_offset(in_plane_diameters(mask, spacing_rc), offset),
             mean_probability=float(values.mean()),
             max_probability=float(values.max()),
             bbox_index=tuple((int(s.start), int(s.stop)) for s in box),

@@ -44,9 +44,9 @@ def _items(container: pydicom.Dataset, code_value: str) -> list[pydicom.Dataset]
 
 
 def _sr_lesion_count(sr: pydicom.Dataset) -> int:
-    """Number of lesions (99ILD ILD001) of the study-level measurement group of the node's TID 1500 SR."""
-    (measurements,) = _items(sr, "126010")  # Imaging Measurements
-    counts = [item for group in _items(measurements, "125007") for item in _items(group, "ILD001")]
+    """Number of lesions (99ILD ILD001) among the Derived Imaging Measurements of the node's TID 1500 SR."""
+    (derived,) = _items(sr, "126011")  # Derived Imaging Measurements
+    counts = _items(derived, "ILD001")
     assert len(counts) == 1, f"expected one lesion count in the SR, found {len(counts)}"
     return int(float(counts[0].MeasuredValueSequence[0].NumericValue))
 

@@ -214,8 +214,14 @@ def _groups(sr) -> list:
     return _items(measurements, "125007")  # Measurement Group
 
 
-def _study_group(sr):
-    return next(g for g in _groups(sr) if _items(g, "112039")[0].TextValue == "ILD-BURDEN")
+def _study_figures(sr):
+    (derived,) = _items(sr, "126011")  # Derived Imaging Measurements
+    return derived
+
+
+def _roles(sr) -> list[str]:
+    (qualitative,) = _items(sr, "C0034375")  # Qualitative Evaluations
+    return [i.ConceptCodeSequence[0].CodeValue for i in _items(qualitative, "ILD004")]
 
 
 def test_sr_header_and_library(sr, sources, seg):
@@ -256,14 +262,78 @@ def test_sr_lesion_groups_match_seg(sr, seg, result):
 
 
 def test_sr_study_level_measurements(sr, result, study):
-    group = _study_group(sr)
-    assert _num(group, "ILD001") == (result.count_all, "1")
-    assert _num(group, "ILD002") == (result.count_ge_10mm3, "1")
-    total, unit = _num(group, "ILD003")
+    figures = _study_figures(sr)
+    assert _num(figures, "ILD001") == (result.count_all, "1")
+    assert _num(figures, "ILD002") == (result.count_ge_10mm3, "1")
+    total, unit = _num(figures, "ILD003")
     assert unit == "mm3" and total == pytest.approx(sum(t.volume_mm3 for t in study.lesions))
-    assert _num(group, "122411") == (pytest.approx(0.76), "{probability}")
-    roles = [i.ConceptCodeSequence[0].CodeValue for i in _items(group, "ILD004")]
-    assert roles == ["ILD101", "ILD102", "ILD104"]
+    assert _num(figures, "122411") == (pytest.approx(0.76), "{probability}")
+    assert _roles(sr) == ["ILD101", "ILD102", "ILD104"]
+    # every measurement group is a lesion's, with image coordinates or a segment a viewer can draw (OHIF 3.13
+    # broke on a study-level group that had neither)
+    assert all(_items(g, "121191") or _items(g, "103339001") for g in _groups(sr))
+
+
+def _scoord(num_item):
+    (scoord,) = [i for i in num_item.ContentSequence if i.ValueType == "SCOORD"]
+    return scoord
+
+
+def test_sr_length_groups_draw_each_lesions_longest_in_plane_diameter(sr, seg, result, sources):
+    """Per lesion, a TID 1501 group with the volume group's tracking identifiers: Long axis (and Short axis) in mm
+    with a 2-point POLYLINE on the source image (frame) of the slice where the long axis is longest."""
+    labels = sitk.GetArrayFromImage(result.labels)
+    col_mm, row_mm = result.labels.GetSpacing()[:2]
+    normal = np.reshape(result.labels.GetDirection(), (3, 3))[:, 2]
+    volume_groups = [g for g in _groups(sr) if _items(g, "121191")]
+    length_groups = [g for g in _groups(sr) if _items(g, "103339001")]
+    assert len(length_groups) == len(volume_groups) == result.count_all
+    positions = common.source_frame_positions(sources)
+    for group, volume_group, les in zip(length_groups, volume_groups, result.lesions):
+        assert _items(group, "112040")[0].UID == _items(volume_group, "112040")[0].UID  # Tracking UID shared
+        assert _items(group, "112039")[0].TextValue == _items(volume_group, "112039")[0].TextValue
+        (long_axis,) = _items(group, "103339001")
+        value, unit = _num(group, "103339001")
+        assert unit == "mm" and value == pytest.approx(les.in_plane.long_axis_mm)
+        scoord = _scoord(long_axis)
+        assert scoord.GraphicType == "POLYLINE" and len(scoord.GraphicData) == 4
+        (c0, r0), (c1, r1) = np.reshape(np.asarray(scoord.GraphicData, dtype=float), (2, 2)) - 0.5
+        # the end points are centres of lesion pixels of that slice, as far apart as the stated length
+        assert labels[les.in_plane.slice_index, round(r0), round(c0)] == les.number
+        assert labels[les.in_plane.slice_index, round(r1), round(c1)] == les.number
+        assert np.hypot((r1 - r0) * row_mm, (c1 - c0) * col_mm) == pytest.approx(value, abs=1e-3)
+        # on the source image of that slice
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+        slice_position = np.asarray(result.labels.TransformIndexToPhysicalPoint((0, 0, les.in_plane.slice_index)))
+        frame = int(np.argmin(np.abs((positions - slice_position) @ normal)))
+        if len(sources) == 1:
+            assert ref.ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+            assert int(ref.ReferencedFrameNumber) == frame + 1
+        else:
+            assert ref.ReferencedSOPInstanceUID == sources[frame].SOPInstanceUID
+        short = _items(group, "103340004")
+        assert len(short) == (les.in_plane.short_axis is not None)
+        if short:
+            length, _ = _num(group, "103340004")
+            assert 0 < length <= value + 1e-6
+            (sc0, sr0), (sc1, sr1) = np.reshape(np.asarray(_scoord(short[0]).GraphicData, dtype=float), (2, 2))
+            # perpendicular to the long axis (in mm)
+            assert abs((c1 - c0) * col_mm * (sc1 - sc0) * col_mm + (r1 - r0) * row_mm * (sr1 - sr0) * row_mm) \
+                <= 1e-6 * max(value * length, 1.0)
+
+
+def test_sr_round_trips_through_highdicom(sr, result, seg):
+    """highdicom reads back every lesion's volume and long axis, with the shared tracking UIDs."""
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
+    volume_groups = report.get_volumetric_roi_measurement_groups()
+    image_groups = report.get_image_measurement_groups()
+    assert len(volume_groups) == len(image_groups) == result.count_all
+    for volume_group, image_group, les in zip(volume_groups, image_groups, result.lesions):
+        assert volume_group.tracking_uid == image_group.tracking_uid
+        assert volume_group.get_measurements(name=common.VOLUME)[0].value == pytest.approx(les.volume_mm3)
+        (long_axis,) = image_group.get_measurements(name=common.LONG_AXIS)
+        assert long_axis.value == pytest.approx(les.in_plane.long_axis_mm)
+        assert long_axis.unit.value == "mm"
 
 
 def test_sr_no_lesions(sources, result, tmp_path):
@@ -273,9 +343,11 @@ def test_sr_no_lesions(sources, result, tmp_path):
     with pytest.raises(ValueError, match="no lesions"):
         write_seg(sources, empty.labels, empty.lesions, ALGORITHM)
     sr = write_sr(sources, empty, ALGORITHM, seg=None, roles_present=["flair"])
-    (group,) = _groups(sr)
-    assert _num(group, "ILD001") == (0, "1") and _num(group, "ILD002") == (0, "1")
-    assert _num(group, "ILD003") == (0, "mm3")
+    assert _items(sr, "126010") == []  # no measurement group at all: nothing for a viewer to draw
+    figures = _study_figures(sr)
+    assert _num(figures, "ILD001") == (0, "1") and _num(figures, "ILD002") == (0, "1")
+    assert _num(figures, "ILD003") == (0, "mm3")
+    assert _roles(sr) == ["ILD104"]
     if DCIODVFY:
         assert _dciodvfy_errors(sr, tmp_path, "sr0.dcm") == []
 

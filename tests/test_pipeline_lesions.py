@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.lesions import Lesion, LesionResult, find_lesions
+from pipeline.lesions import Lesion, LesionResult, find_lesions, in_plane_diameters
 
 
 def _rotation() -> np.ndarray:
@@ -144,3 +144,65 @@ def test_phantom_truth_volumes_exact():
         assert np.array_equal(labels == les.number, truth_labels == t.label)
         np.testing.assert_allclose(les.centroid_lps_mm, t.centroid_lps_mm, atol=1e-6)
         assert les.max_probability == 1.0 and les.mean_probability == 1.0
+
+
+def test_in_plane_diameter_of_a_rectangle_with_anisotropic_pixels():
+    """A 5 x 9 pixel rectangle (rows x cols) at 0.5 x 1.2 mm: the long axis is its diagonal between pixel centres,
+    the short axis the longest extent across it, perpendicular, both ends on one line."""
+    mask = np.zeros((3, 12, 14), dtype=bool)
+    mask[1, 2:7, 3:12] = True
+    mask[2, 5, 5] = True  # a smaller slice: not the one where the lesion is longest
+    d = in_plane_diameters(mask, (0.5, 1.2))
+    assert d.slice_index == 1
+    assert d.long_axis_mm == pytest.approx(math.hypot(4 * 0.5, 8 * 1.2))
+    assert {d.long_axis[0], d.long_axis[1]} in ({(2.0, 3.0), (6.0, 11.0)}, {(6.0, 3.0), (2.0, 11.0)})
+    assert d.short_axis is not None
+    (r0, c0), (r1, c1) = d.short_axis
+    (a0, b0), (a1, b1) = d.long_axis
+    assert (r1 - r0) * 0.5 * (a1 - a0) * 0.5 + (c1 - c0) * 1.2 * (b1 - b0) * 1.2 == pytest.approx(0, abs=1e-9)
+    assert d.short_axis_mm == pytest.approx(math.hypot((r1 - r0) * 0.5, (c1 - c0) * 1.2))
+    assert 0 < d.short_axis_mm < d.long_axis_mm
+    for r, c in d.short_axis:  # inside the rectangle's pixel centres (with the half-strip tolerance)
+        assert 2 - 0.5 <= r <= 6 + 0.5 and 3 - 0.5 <= c <= 11 + 0.5
+
+
+def test_in_plane_diameter_of_a_disc_matches_brute_force_and_lies_on_the_lesion():
+    yy, xx = np.mgrid[:41, :41]
+    disc = (yy - 20) ** 2 + ((xx - 20) * 0.8) ** 2 <= 15**2  # an ellipse, 64+ boundary pixels: the hull path
+    mask = disc[None]
+    d = in_plane_diameters(mask, (1.0, 1.0))
+    points = np.argwhere(disc).astype(float)
+    brute = max(np.hypot(*(p - q)) for p in points[::7] for q in points)  # sample vs all: a lower bound
+    assert d.long_axis_mm >= brute - 1e-9
+    assert d.long_axis_mm == pytest.approx(np.hypot(*np.subtract(*d.long_axis)))
+    assert all(disc[int(r), int(c)] for r, c in d.long_axis)
+    # the short axis: across the long axis at one position along it, so at most the lesion's whole width across
+    # it, and (a convex lesion) within two pixels of that width
+    u = np.subtract(*d.long_axis) / d.long_axis_mm
+    width = np.ptp(points @ np.array([-u[1], u[0]]))
+    assert width - 2.0 <= d.short_axis_mm <= width + 1e-9
+
+
+def test_in_plane_diameter_of_one_voxel_and_of_a_line():
+    one = np.zeros((2, 3, 3), dtype=bool)
+    one[1, 1, 2] = True
+    d = in_plane_diameters(one, (0.9, 0.9))
+    assert (d.slice_index, d.long_axis_mm, d.long_axis, d.short_axis_mm, d.short_axis) == \
+        (1, 0.0, ((1.0, 2.0), (1.0, 2.0)), 0.0, None)
+    line = np.zeros((1, 3, 6), dtype=bool)
+    line[0, 1, 1:5] = True
+    d = in_plane_diameters(line, (1.0, 2.0))
+    assert d.long_axis_mm == pytest.approx(6.0) and d.short_axis is None
+    with pytest.raises(ValueError, match="non-empty"):
+        in_plane_diameters(np.zeros((2, 2, 2), dtype=bool), (1.0, 1.0))
+
+
+def test_find_lesions_in_plane_diameter_is_in_full_image_indices():
+    arr = np.zeros((6, 20, 20))
+    arr[3, 10:13, 4:15] = 0.9  # 3 x 11 pixels on slice 3
+    arr[2, 11, 8] = 0.9
+    (les,) = find_lesions(_image(arr, (0.5, 1.0, 2.0)), 0.5).lesions
+    assert les.in_plane.slice_index == 3
+    ends = sorted(les.in_plane.long_axis)
+    assert ends in ([(10.0, 4.0), (12.0, 14.0)], [(10.0, 14.0), (12.0, 4.0)])
+    assert les.in_plane.long_axis_mm == pytest.approx(math.hypot(2 * 1.0, 10 * 0.5))

@@ -13,7 +13,6 @@ code                      scheme      meaning
 ``ILD004``                99ILD       Input sequence role present (value: one of ILD1xx below)
 ``ILD101``..``ILD104``    99ILD       the four roles, model channel order: t1_bravo_post, t1_cube_pre,
                                       t1_cube_post, flair
-``ILD005``                99ILD       Brain metastases lesion burden (finding of the study-level group)
 ========================  ==========  ==============================================================
 """
 
@@ -25,6 +24,7 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
+import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -41,6 +41,7 @@ __all__ = [
     "ordered_sources",
     "research_description",
     "source_frame_positions",
+    "source_frame_slices",
     "sr_algorithm_identification",
 ]
 
@@ -59,6 +60,11 @@ PROCEDURE_MR_BRAIN = Code("241601008", "SCT", "MR of head")
 VOLUME = Code("118565006", "SCT", "Volume")
 METHOD_VOXEL_SUM = Code("126030", "DCM", "Sum of segmented voxel method for volume")
 THRESHOLD_VALUE = Code("122411", "DCM", "Threshold Value")
+LONG_AXIS = Code("103339001", "SCT", "Long axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short axis")
+IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
+DERIVED_MEASUREMENTS = Code("126011", "DCM", "Derived Imaging Measurements")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 
 # Local concepts (no standard code exists)
@@ -66,7 +72,6 @@ LESION_COUNT = Code("ILD001", PRIVATE_SCHEME, "Number of lesions")
 LESION_COUNT_GE_LIMIT = Code("ILD002", PRIVATE_SCHEME, "Number of lesions >= 10 mm3")
 TOTAL_VOLUME = Code("ILD003", PRIVATE_SCHEME, "Total lesion volume")
 ROLE_PRESENT = Code("ILD004", PRIVATE_SCHEME, "Input sequence role present")
-LESION_BURDEN = Code("ILD005", PRIVATE_SCHEME, "Brain metastases lesion burden")
 ROLE_CODES: dict[str, Code] = {
     "t1_bravo_post": Code("ILD101", PRIVATE_SCHEME, "Post-contrast T1w 3D gradient echo (BRAVO/MPRAGE)"),
     "t1_cube_pre": Code("ILD102", PRIVATE_SCHEME, "Pre-contrast T1w 3D fast spin echo (CUBE/SPACE)"),
@@ -77,11 +82,14 @@ ROLE_CODES: dict[str, Code] = {
 CODES = {
     "category": CATEGORY_ABNORMAL, "type": TYPE_METASTASIS, "region": REGION_BRAIN, "family": FAMILY_AI,
     "title": REPORT_TITLE, "procedure": PROCEDURE_MR_BRAIN, "volume": VOLUME, "volume_method": METHOD_VOXEL_SUM,
-    "threshold": THRESHOLD_VALUE, "count": LESION_COUNT, "count_ge_limit": LESION_COUNT_GE_LIMIT,
-    "total_volume": TOTAL_VOLUME, "role_present": ROLE_PRESENT, "burden": LESION_BURDEN,
+    "threshold": THRESHOLD_VALUE, "long_axis": LONG_AXIS, "short_axis": SHORT_AXIS,
+    "measurements": IMAGING_MEASUREMENTS, "derived": DERIVED_MEASUREMENTS, "qualitative": QUALITATIVE_EVALUATIONS,
+    "count": LESION_COUNT, "count_ge_limit": LESION_COUNT_GE_LIMIT, "total_volume": TOTAL_VOLUME,
+    "role_present": ROLE_PRESENT,
 }
 
 UNITS = {
+    "mm": Code("mm", "UCUM", "millimeter"),
     "mm3": Code("mm3", "UCUM", "cubic millimeter"),
     "count": Code("1", "UCUM", "no units"),
     "probability": Code("{probability}", "UCUM", "probability"),
@@ -168,6 +176,9 @@ def coding_scheme_identification() -> Dataset:
     return item
 
 
+POSITION_TOLERANCE_MM = 0.01  # how far a source frame may lie from a slice of the label grid
+
+
 def _is_multiframe(ds: Dataset) -> bool:
     return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
 
@@ -186,6 +197,28 @@ def source_frame_positions(source_datasets: Sequence[Dataset]) -> np.ndarray:
     if any(_is_multiframe(ds) for ds in source_datasets):
         raise ValueError("give either classic single-frame instances or ONE multi-frame instance")
     return np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets])
+
+
+def source_frame_slices(image: sitk.Image, source_datasets: Sequence[Dataset]) -> np.ndarray:
+    """(F,) slice index of ``image`` (numpy axis 0) for every source frame, matched by position.
+
+    Raises ``ValueError`` unless every source frame lies on one slice of the image's grid (within
+    :data:`POSITION_TOLERANCE_MM`), on distinct slices, one frame per slice.
+    """
+    positions = source_frame_positions(source_datasets)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    n_slices = int(image.GetSize()[2])
+    index = (positions - origin) @ direction / spacing  # (F, 3) continuous (x, y, z) index of each frame
+    k = np.rint(index[:, 2]).astype(int)
+    if (np.abs(index - np.rint(index)).max(initial=0.0) * spacing.max() > POSITION_TOLERANCE_MM
+            or np.abs(index[:, :2]).max(initial=0.0) * spacing.max() > POSITION_TOLERANCE_MM
+            or k.min(initial=0) < 0 or k.max(initial=0) >= n_slices or len(set(k.tolist())) != len(k)):
+        raise ValueError("source frames do not lie on the slices of the label image's grid")
+    if len(k) != n_slices:
+        raise ValueError(f"{len(k)} source frames for {n_slices} label slices")
+    return k
 
 
 def ordered_sources(source_datasets: Sequence[Dataset]) -> list[Dataset]:

@@ -29,7 +29,6 @@ from pipeline.lesions import Lesion
 __all__ = ["DEFAULT_SEG_SERIES_NUMBER", "segment_label", "tracking_id", "write_seg"]
 
 DEFAULT_SEG_SERIES_NUMBER = 9901
-_POSITION_TOLERANCE_MM = 0.01
 
 
 def segment_label(lesion: Lesion) -> str:
@@ -51,23 +50,11 @@ def _label_array(labels: np.ndarray | sitk.Image, source_datasets: Sequence[Data
     """
     positions = common.source_frame_positions(source_datasets)
     if isinstance(labels, sitk.Image):
-        array = sitk.GetArrayFromImage(labels)
-        direction = np.asarray(labels.GetDirection(), dtype=float).reshape(3, 3)
-        spacing = np.asarray(labels.GetSpacing(), dtype=float)
-        origin = np.asarray(labels.GetOrigin(), dtype=float)
-        index = (positions - origin) @ direction / spacing  # (F, 3) continuous (x, y, z) index of each frame
-        k = np.rint(index[:, 2]).astype(int)
-        if (np.abs(index - np.rint(index)).max(initial=0.0) * spacing.max() > _POSITION_TOLERANCE_MM
-                or np.abs(index[:, :2]).max(initial=0.0) * spacing.max() > _POSITION_TOLERANCE_MM
-                or k.min(initial=0) < 0 or k.max(initial=0) >= array.shape[0] or len(set(k.tolist())) != len(k)):
-            raise ValueError("source frames do not lie on the slices of the label image's grid")
-        if len(k) != array.shape[0]:
-            raise ValueError(f"{len(k)} source frames for {array.shape[0]} label slices")
-        return array[k]
+        return sitk.GetArrayFromImage(labels)[common.source_frame_slices(labels, source_datasets)]
     array = np.asarray(labels)
     if array.ndim != 3 or array.shape[0] != len(positions):
         raise ValueError(f"labels of shape {array.shape} do not match {len(positions)} source frames")
-    if len(positions) > 1 and np.min(np.linalg.norm(np.diff(positions, axis=0), axis=1)) < _POSITION_TOLERANCE_MM:
+    if len(positions) > 1 and np.min(np.linalg.norm(np.diff(positions, axis=0), axis=1)) < common.POSITION_TOLERANCE_MM:
         raise ValueError("two source frames share one position")
     return array
 

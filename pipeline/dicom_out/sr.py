@@ -4,15 +4,25 @@ Content tree (codes in :mod:`pipeline.dicom_out.common`):
 
 * title DCM 126000 "Imaging Measurement Report"; procedure SCT 241601008 "MR of head"; observer = the algorithm
   as a device (its Device UID, name, manufacturer, model); Image Library = the reference series' instances.
-* one TID 1411 volumetric group per lesion, in SEG segment order: Tracking ID/UID copied from the SEG segment,
-  ``ReferencedSegment`` to it, finding SCT 14799000, finding site SCT 12738006, Volume (SCT 118565006, UCUM
-  ``mm3``, method DCM 126030) with the algorithm identification (TID 4019).
-* one TID 1501 study-level group (finding 99ILD ILD005 "lesion burden", Tracking ID ``ILD-BURDEN``):
-  Number of lesions (99ILD ILD001, UCUM ``1``), Number of lesions >= 10 mm3 (ILD002), Total lesion volume
-  (ILD003, ``mm3``), Threshold Value (DCM 122411, UCUM ``{probability}``), and one qualitative evaluation
-  "Input sequence role present" (ILD004) per role the model received (value ILD101..ILD104).
+* Imaging Measurements (DCM 126010), two groups per lesion, in SEG segment order, both with the Tracking ID/UID
+  of the lesion's SEG segment (so a viewer, OHIF among them, merges them into one finding):
 
-No lesions: pass ``seg=None``; the report then has only the study-level group (counts 0, volume 0).
+  - TID 1411 volumetric group: ``ReferencedSegment`` to the segment, finding SCT 14799000, finding site SCT
+    12738006, Volume (SCT 118565006, UCUM ``mm3``, method DCM 126030) with the algorithm identification
+    (TID 4019);
+  - TID 1501 group with what a viewer draws: Long axis (SCT 103339001, UCUM ``mm``), RANO-BM's longest in-plane
+    diameter, and the perpendicular Short axis (SCT 103340004) when the lesion is wider than one pixel across
+    it, each with a SCOORD POLYLINE of its two end points on the reference image (frame) where the long axis
+    is longest.
+* Derived Imaging Measurements (DCM 126011), the study's figures: Number of lesions (99ILD ILD001, UCUM ``1``),
+  Number of lesions >= 10 mm3 (ILD002), Total lesion volume (ILD003, ``mm3``), Threshold Value (DCM 122411,
+  UCUM ``{probability}``).
+* Qualitative Evaluations (UMLS C0034375): one "Input sequence role present" (ILD004) per role the model
+  received (value ILD101..ILD104).
+
+The study's figures are not a measurement group: viewers take every group for a finding to draw, and one
+without image coordinates broke OHIF 3.13 (issue #18). No lesions: pass ``seg=None``; the report then has no
+Imaging Measurements container (TID 1500 needs one of rows 6, 8 and 10), only the study's figures (0, 0 mm3).
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import highdicom as hd
+import numpy as np
+from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -30,10 +42,9 @@ from pydicom.uid import generate_uid
 from pipeline.dicom_out import common
 from pipeline.lesions import LesionResult
 
-__all__ = ["BURDEN_TRACKING_ID", "DEFAULT_SR_SERIES_NUMBER", "write_sr"]
+__all__ = ["DEFAULT_SR_SERIES_NUMBER", "write_sr"]
 
 DEFAULT_SR_SERIES_NUMBER = 9902
-BURDEN_TRACKING_ID = "ILD-BURDEN"
 COUNT_LIMIT_MM3 = 10.0  # the limit named by the ILD002 code's meaning
 
 
@@ -88,6 +99,63 @@ def _library_view(ds: Dataset) -> Dataset:
     return view
 
 
+def _source_image(source_datasets: Sequence[Dataset], frame: int) -> hd.sr.SourceImageForRegion:
+    """The image of source frame ``frame`` (0-based, in source order): a classic instance, or a frame number of
+    the one enhanced instance."""
+    if len(source_datasets) == 1 and int(source_datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        ds = source_datasets[0]
+        return hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID, referenced_frame_numbers=[frame + 1])
+    ds = source_datasets[frame]
+    return hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID)
+
+
+def _scoord(ends: tuple[tuple[float, float], tuple[float, float]]) -> np.ndarray:
+    """(row, col) pixel-centre indices -> SCOORD image coordinates (column, row), whose origin is the top left
+    CORNER of the top left pixel (PS3.3 C.18.6.1.1): the centre of pixel (r, c) is (c + 0.5, r + 0.5)."""
+    return np.array([[col + 0.5, row + 0.5] for row, col in ends], dtype=float)
+
+
+def _study_level(result: LesionResult, roles_present: Sequence[str]) -> list[hd.sr.ContainerContentItem]:
+    """The study's figures, outside the measurement groups: a viewer (OHIF) takes every measurement group for a
+    finding to draw, so a group without image coordinates breaks it. Derived Imaging Measurements (DCM 126011):
+    counts, total volume and threshold; Qualitative Evaluations (UMLS C0034375): the roles the model received."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    derived = hd.sr.ContainerContentItem(name=common.DERIVED_MEASUREMENTS, relationship_type=contains)
+    derived.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.NumContentItem(name=name, value=value, unit=common.UNITS[unit], relationship_type=contains)
+        for name, value, unit in (
+            (common.LESION_COUNT, result.count_all, "count"),
+            (common.LESION_COUNT_GE_LIMIT, result.count_ge_10mm3, "count"),
+            (common.TOTAL_VOLUME, result.total_volume_mm3, "mm3"),
+            (common.THRESHOLD_VALUE, result.threshold, "probability"))])
+    qualitative = hd.sr.ContainerContentItem(name=common.QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    qualitative.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.CodeContentItem(name=common.ROLE_PRESENT, value=common.ROLE_CODES[r], relationship_type=contains)
+        for r in common.ROLE_CODES if r in roles_present])
+    return [derived, qualitative]
+
+
+def _report(observer: hd.sr.ObservationContext, library: Sequence[Dataset], groups: Sequence[hd.sr.Template],
+            study_level: Sequence[hd.sr.ContainerContentItem]) -> hd.sr.ContainerContentItem:
+    """The TID 1500 root container, as ``hd.sr.MeasurementReport`` builds it, but without its demand for at least
+    one measurement group: a study with no lesions has none, and TID 1500 is complete with its Derived Imaging
+    Measurements (row 8)."""
+    root = hd.sr.ContainerContentItem(name=common.REPORT_TITLE, template_id="1500")
+    content = hd.sr.ContentSequence([*hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE), *observer,
+                                     hd.sr.CodeContentItem(name=codes.DCM.ProcedureReported,
+                                                           value=common.PROCEDURE_MR_BRAIN,
+                                                           relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD),
+                                     *hd.sr.ImageLibrary(library)])
+    if groups:
+        measurements = hd.sr.ContainerContentItem(name=common.IMAGING_MEASUREMENTS,
+                                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        measurements.ContentSequence = hd.sr.ContentSequence([item for group in groups for item in group])
+        content.append(measurements)
+    content.extend(study_level)
+    root.ContentSequence = content
+    return root
+
+
 def write_sr(
     source_datasets: Sequence[Dataset],
     result: LesionResult,
@@ -125,11 +193,13 @@ def write_sr(
     algorithm_id = common.sr_algorithm_identification(algorithm)
     seg_view = _per_frame_segment_view(seg) if seg is not None else None
     brain = hd.sr.FindingSite(anatomic_location=common.REGION_BRAIN)
+    frame_of_slice = {int(k): f for f, k in enumerate(common.source_frame_slices(result.labels, source_datasets))}
     groups: list = []
     for les in result.lesions:
         segment = segments[les.number]
+        tracking = hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
+            tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_view, segment_number=les.number),
             finding_type=common.TYPE_METASTASIS,
             finding_sites=[brain],
@@ -138,40 +208,33 @@ def write_sr(
                 name=common.VOLUME, value=les.volume_mm3, unit=common.UNITS["mm3"],
                 method=common.METHOD_VOXEL_SUM, algorithm_id=algorithm_id)],
         ))
-    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=BURDEN_TRACKING_ID),
-        finding_type=common.LESION_BURDEN,
-        finding_sites=[brain],
-        algorithm_id=algorithm_id,
-        measurements=[
-            hd.sr.Measurement(name=common.LESION_COUNT, value=result.count_all, unit=common.UNITS["count"]),
-            hd.sr.Measurement(name=common.LESION_COUNT_GE_LIMIT, value=result.count_ge_10mm3,
-                              unit=common.UNITS["count"]),
-            hd.sr.Measurement(name=common.TOTAL_VOLUME, value=result.total_volume_mm3, unit=common.UNITS["mm3"],
-                              method=common.METHOD_VOXEL_SUM),
-            hd.sr.Measurement(name=common.THRESHOLD_VALUE, value=result.threshold,
-                              unit=common.UNITS["probability"]),
-        ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=common.ROLE_PRESENT, value=common.ROLE_CODES[r])
-                                 for r in common.ROLE_CODES if r in roles_present],
-    ))
+        image = _source_image(source_datasets, frame_of_slice[les.in_plane.slice_index])
+        axes = [(common.LONG_AXIS, les.in_plane.long_axis_mm, les.in_plane.long_axis)]
+        if les.in_plane.short_axis is not None:
+            axes.append((common.SHORT_AXIS, les.in_plane.short_axis_mm, les.in_plane.short_axis))
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=common.TYPE_METASTASIS,
+            finding_sites=[brain],
+            algorithm_id=algorithm_id,
+            measurements=[hd.sr.Measurement(
+                name=name, value=length, unit=common.UNITS["mm"], algorithm_id=algorithm_id,
+                referenced_coordinates=[hd.sr.CoordinatesForMeasurement(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=_scoord(ends), source_image=image)])
+                for name, length, ends in axes],
+        ))
 
     observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=algorithm.device_uid, name=algorithm.name, manufacturer_name=algorithm.manufacturer,
             model_name=algorithm.model, serial_number=algorithm.serial_number)))
-    report = hd.sr.MeasurementReport(
-        observation_context=observer,
-        procedure_reported=common.PROCEDURE_MR_BRAIN,
-        imaging_measurements=groups,
-        title=common.REPORT_TITLE,
-        referenced_images=[_library_view(ds) for ds in source_datasets],
-    )
+    report = _report(observer, [_library_view(ds) for ds in source_datasets], groups,
+                     _study_level(result, roles_present))
     evidence = list(source_datasets) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=report,
         series_instance_uid=generate_uid(),
         series_number=series_number,
         sop_instance_uid=generate_uid(),
