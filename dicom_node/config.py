@@ -169,6 +169,8 @@ class Destination(_Section):
 class ModelSection(_Section):
     path: Path = Path("../models/ild-demo.safetensors")
     device: str = "auto"
+    #: stored = the checkpoint's threshold (its threshold_rule); youden = its validation Youden point (the method's)
+    threshold: Literal["stored", "youden"] = "stored"
 
     @field_validator("device")
     @classmethod
@@ -270,15 +272,19 @@ def check_files(config: NodeConfig, config_path: Path | str) -> None:
     checkpoint (loaded on the CPU, as the worker would) and the series rules. ``serve`` and ``config check`` both
     run this, so a config that checks OK starts."""
     from dicom_node.rules import RulesError, load_rules
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.checkpoint import CheckpointError, load_checkpoint, select_threshold
 
     if not config.model.path.is_file():
         raise ConfigError(f"{config_path}: model.path: {config.model.path} does not exist (the bundled model is "
                           "rebuilt by `make model`)")
     try:
-        load_checkpoint(config.model.path)
+        _, meta = load_checkpoint(config.model.path)
     except CheckpointError as exc:
         raise ConfigError(f"{config_path}: model.path: {exc}") from None
+    try:
+        select_threshold(meta, config.model.threshold)
+    except ValueError as exc:
+        raise ConfigError(f"{config_path}: model.{exc}") from None
     try:
         load_rules(config.rules)
     except RulesError as exc:

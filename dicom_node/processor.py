@@ -27,16 +27,17 @@ class Processor:
     """One worker: a warm model and a loop that processes cases until told to stop."""
 
     def __init__(self, db: Database, config: NodeConfig, *, owner: str | None = None) -> None:
-        from pipeline.checkpoint import load_checkpoint
+        from pipeline.checkpoint import load_checkpoint, select_threshold
 
         self.db = db
         self.config = config
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         t = time.perf_counter()
         # Loaded once and kept: loading per case would add seconds to every study.
-        self.model, self.meta = load_checkpoint(config.model.path)
-        log.info("model %s %s loaded in %.1f s (threshold %g)", self.meta.model_name, self.meta.model_version,
-                 time.perf_counter() - t, self.meta.threshold)
+        self.model, meta = load_checkpoint(config.model.path)
+        self.meta = select_threshold(meta, config.model.threshold)  # checked at start-up (config.check_files)
+        log.info("model %s %s loaded in %.1f s (threshold %g, %s)", self.meta.model_name, self.meta.model_version,
+                 time.perf_counter() - t, self.meta.threshold, self.meta.threshold_rule)
         self.current: ClaimedCase | None = None
         self.idle = threading.Event()
         self.idle.set()

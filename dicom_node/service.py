@@ -73,9 +73,10 @@ class Node:
         self.db = db = open_database(cfg.database.url, busy_timeout_s=cfg.database.busy_timeout_seconds)
         recover_orphans(db, socket.gethostname(), cfg.queue.max_attempts)
         if self.receive and cfg.queue.workers > 0:
-            from pipeline.checkpoint import load_checkpoint
+            from pipeline.checkpoint import load_checkpoint, select_threshold
 
-            _, self._model_meta = load_checkpoint(cfg.model.path)  # what the dashboard shows; the workers load their own
+            # what the dashboard shows; the workers load their own
+            self._model_meta = select_threshold(load_checkpoint(cfg.model.path)[1], cfg.model.threshold)
             self.workers = WorkerSupervisor(cfg, on_exit=self._worker_died)
         else:
             self.processor = Processor(db, cfg)

@@ -36,6 +36,7 @@ from pipeline.model import ROLE_ORDER, ILDDeepLabV3, ModelConfig, combination_ke
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "METADATA_KEY",
+    "THRESHOLD_CHOICES",
     "THRESHOLD_RULES",
     "VALIDATION_METRICS",
     "CheckpointError",
@@ -43,14 +44,18 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_metadata",
     "save_checkpoint",
+    "select_threshold",
 ]
 
 CHECKPOINT_FORMAT_VERSION = 1
 METADATA_KEY = "ild_checkpoint"
 #: Allowed keys of each per-combination validation entry.
 VALIDATION_METRICS: tuple[str, ...] = ("auc", "dice", "lesion_sensitivity")
-#: Ways the operating threshold may have been chosen (``CheckpointMeta.threshold_rule``).
-THRESHOLD_RULES: tuple[str, ...] = ("youden", "max-dice")
+#: Ways the operating threshold may have been chosen (``CheckpointMeta.threshold_rule``): on the validation
+#: cases, "lesion-froc" = highest lesion sensitivity with <= 0.5 false positives (>= 10 mm^3) per patient, ties to
+#: the best mean Dice; "youden" = maximum Youden index of the pooled voxel ROC (the method's rule); "max-dice" =
+#: maximum pooled voxel Dice (see ``training/calibrate.py``).
+THRESHOLD_RULES: tuple[str, ...] = ("lesion-froc", "youden", "max-dice")
 
 
 class CheckpointError(ValueError):
@@ -71,7 +76,10 @@ def _utc_now() -> str:
 class CheckpointMeta:
     """Everything about a trained model except its architecture (which the model's config carries).
 
-    ``threshold``: operating threshold on the sigmoid output (validation Youden point), in (0, 1).
+    ``threshold``: operating threshold on the sigmoid output, in (0, 1), chosen on the validation cases by
+    ``threshold_rule`` (:data:`THRESHOLD_RULES`).
+    ``youden_threshold``: the method's validation Youden point, kept for comparison and for readers who select it
+    (``dicom-node validate --threshold youden``); None in checkpoints written before it was recorded.
     ``training_run_uid``: changes with every training run (a fresh DICOM UID by default).
     ``in_plane_size`` / ``through_plane_mm``: the grid the model was trained on (256 px, 1.0 mm).
     ``validation``: per role combination (:func:`pipeline.model.combination_key`) the validation
@@ -90,8 +98,9 @@ class CheckpointMeta:
     through_plane_mm: float = 1.0
     validation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     created_utc: str = field(default_factory=_utc_now)
-    #: how ``threshold`` was chosen on the validation voxels: "youden" (the method) or "max-dice"
+    #: how ``threshold`` was chosen on the validation cases (:data:`THRESHOLD_RULES`); "youden" in older files
     threshold_rule: str = "youden"
+    youden_threshold: float | None = None
 
     def __post_init__(self) -> None:
         # raises ValueError naming the field; load_checkpoint turns it into a CheckpointError
@@ -105,6 +114,11 @@ class CheckpointMeta:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 < float(t) < 1.0):
             raise _FieldError("threshold", f"must be a number in (0, 1), got {t!r}")
         object.__setattr__(self, "threshold", float(t))
+        y = self.youden_threshold
+        if y is not None:
+            if isinstance(y, bool) or not isinstance(y, (int, float)) or not (0.0 < float(y) < 1.0):
+                raise _FieldError("youden_threshold", f"must be a number in (0, 1) or null, got {y!r}")
+            object.__setattr__(self, "youden_threshold", float(y))
         if isinstance(self.in_plane_size, bool) or not isinstance(self.in_plane_size, int) or self.in_plane_size < 1:
             raise _FieldError("in_plane_size", f"must be a positive int, got {self.in_plane_size!r}")
         mm = self.through_plane_mm
@@ -164,6 +178,25 @@ def _check_validation(validation: Any) -> dict[str, dict[str, float]]:
             entry[m] = float(v)
         out[key] = entry
     return out
+
+
+#: What a reader may run a checkpoint at (node ``model.threshold``, ``dicom-node validate --threshold``): "stored" =
+#: ``threshold`` (its ``threshold_rule``), "youden" = ``youden_threshold`` (the method's rule, for comparison).
+THRESHOLD_CHOICES: tuple[str, ...] = ("stored", "youden")
+
+
+def select_threshold(meta: CheckpointMeta, choice: str) -> CheckpointMeta:
+    """``meta`` with the operating threshold ``choice`` (:data:`THRESHOLD_CHOICES`) in ``threshold`` and the rule
+    that chose it in ``threshold_rule``, so every result (summary.json, SEG, SR) names what was used.
+    ``ValueError`` for an unknown choice or "youden" on a checkpoint that does not record its Youden point."""
+    if choice == "stored":
+        return meta
+    if choice != "youden":
+        raise ValueError(f"threshold: expected one of {list(THRESHOLD_CHOICES)}, got {choice!r}")
+    if meta.youden_threshold is None:
+        raise ValueError("threshold: youden: this checkpoint does not record its Youden point (calibrate it again "
+                         "with `dicom-node calibrate`)")
+    return dataclasses.replace(meta, threshold=meta.youden_threshold, threshold_rule="youden")
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: ILDDeepLabV3, meta: CheckpointMeta) -> Path:

@@ -88,8 +88,14 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert not re.search(r"^\s+t1_bravo_post\s+<- '", two, re.MULTILINE)
     for section, uid in zip((one, two), uids, strict=True):
         assert re.search(r"state\s+(done|sent) \(version 1\)", section)
-        m = re.search(r"lesions\s+(\d+) \((\d+) >= 10 mm3\)", section)
+        m = re.search(r"lesions\s+(\d+) found \((\d+) >= 10 mm3\), total \d+ mm3; (\d+) planted", section)
         assert m and int(m.group(1)) >= 1 and int(m.group(1)) >= int(m.group(2))
+        # planted vs found: one line per planted lesion, found (as which numbers) or missed
+        t = re.search(r"planted\s+(\d+) lesion\(s\): (\d+) found, (\d+) missed; (\d+) of the (\d+) found", section)
+        assert t and t.group(1) == m.group(3) and int(t.group(2)) + int(t.group(3)) == int(t.group(1))
+        assert int(t.group(5)) == int(m.group(1)) and int(t.group(4)) <= int(t.group(5))
+        assert len(re.findall(r"^\s+planted \d+\s+\d+\.\d mm3  (found as #\d|MISSED)", section, re.MULTILINE)) \
+            == int(t.group(1))
         rows = re.findall(r"^\s+(\d+)\s+(\d+\.\d)\s+(\d+\.\d)$", section, re.MULTILINE)  # number, volume, diameter
         assert [int(n) for n, _, _ in rows] == list(range(1, int(m.group(1)) + 1))
         for name in ("seg.dcm", "sr.dcm", "summary.json", "overview.png"):
@@ -129,3 +135,17 @@ def test_demo_help_explains_itself() -> None:
                    "--keep"):
         assert option in r.stdout, option
     assert "without BRAVO" in r.stdout and "SIGTERM" in r.stdout
+
+
+def test_match_planted_by_touching_spheres() -> None:
+    from dicom_node.cli.demo import match_planted
+
+    # 33.5 mm3 ~ a sphere of radius 2 mm, 268 mm3 ~ radius 4 mm; matched up to r1 + r2 + 1 mm apart
+    planted = [(268.1, (0.0, 0.0, 0.0)), (33.5, (30.0, 0.0, 0.0)), (33.5, (0.0, 40.0, 0.0))]
+    found = [(33.5, (6.9, 0.0, 0.0)),    # 6.9 <= 4 + 2 + 1: planted 1
+             (33.5, (0.0, 0.0, -7.2)),   # 7.2 > 7: matches nothing (false)
+             (268.1, (30.0, 6.0, 0.0)),  # 6 <= 2 + 4 + 1: planted 2
+             (4.2, (30.0, -3.0, 0.0))]   # radius 1: 3 <= 2 + 1 + 1: planted 2 too (a fragment, not false)
+    per_planted, is_true = match_planted(planted, found)
+    assert per_planted == [[1], [3, 4], []]
+    assert is_true == [True, False, True, True]

@@ -19,6 +19,7 @@ from pipeline.checkpoint import (
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
+    select_threshold,
 )
 from pipeline.model import ROLE_ORDER, ILDDeepLabV3, ModelConfig
 from training.cpu_safety import safe_cpu_autograd
@@ -149,6 +150,8 @@ def test_save_rejects_validation_for_roles_the_model_lacks(tmp_path):
         (dict(validation={"flair": {"dice": 1.5}}), "validation"),
         (dict(through_plane_mm=0), "through_plane_mm"),
         (dict(threshold_rule="otsu"), "threshold_rule"),
+        (dict(youden_threshold=0.0), "youden_threshold"),
+        (dict(youden_threshold="low"), "youden_threshold"),
     ],
 )
 def test_meta_validates_fields(kw, field):
@@ -268,3 +271,28 @@ def test_meta_is_frozen():
     meta = _meta()
     with pytest.raises(dataclasses.FrozenInstanceError):
         meta.threshold = 0.1  # type: ignore[misc]
+
+
+def test_youden_point_round_trip_and_selection(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", _trained_model(),
+                           _meta(threshold=0.31, threshold_rule="lesion-froc", youden_threshold=0.0004))
+    assert read_checkpoint_metadata(path)["meta"]["youden_threshold"] == 0.0004
+    _, meta = load_checkpoint(path)
+    assert (meta.threshold, meta.threshold_rule, meta.youden_threshold) == (0.31, "lesion-froc", 0.0004)
+    assert select_threshold(meta, "stored") is meta
+    youden = select_threshold(meta, "youden")
+    assert (youden.threshold, youden.threshold_rule, youden.youden_threshold) == (0.0004, "youden", 0.0004)
+    assert dataclasses.replace(youden, threshold=0.31, threshold_rule="lesion-froc") == meta  # nothing else changed
+    with pytest.raises(ValueError, match="expected one of"):
+        select_threshold(meta, "otsu")
+
+
+def test_checkpoint_without_youden_point_still_loads(saved):
+    # files written before the Youden point was recorded (the bundled model until #17): no such key
+    path, _ = saved
+    _rewrite(path, _delete("meta", "youden_threshold"))
+    _, meta = load_checkpoint(path)
+    assert meta.youden_threshold is None and meta.threshold_rule == "youden" and meta.threshold == 0.76
+    assert select_threshold(meta, "stored") is meta
+    with pytest.raises(ValueError, match="does not record its Youden point"):
+        select_threshold(meta, "youden")

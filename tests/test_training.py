@@ -34,6 +34,7 @@ from training.data.cache import cache_case
 from training.data.nifti import nifti_sources
 from training.loss import segmentation_loss
 from training.metrics import count_group, max_dice_threshold, youden_threshold
+from training.metrics.operating import lesion_froc_point, sweep
 from training.phantom import generate_study
 from training.phantom.dicom_writer import write_dicom_study
 from training.phantom.nifti_writer import write_nifti_study
@@ -451,10 +452,15 @@ def test_calibrate_on_a_folder(trained, phantom_root, cache_dir, tmp_path) -> No
     assert meta.training_run_uid == old.training_run_uid
     assert (meta.model_name, meta.model_version, meta.in_plane_size) == (old.model_name, old.model_version, 64)
     assert set(meta.validation) == set(old.validation)
-    # the threshold, independently: the Youden point of the pooled brain-mask voxels of all four cases
+    # the default rule's threshold: the lesion-wise FROC point of the four cases' whole maps, all roles given
+    maps = [(predict_case(model, c, ALL_ROLES), c.label, c.spacing_mm)
+            for c in load_cases(trained["config"], progress=False).values()]
+    assert meta.threshold_rule == "lesion-froc"
+    assert meta.threshold == pytest.approx(lesion_froc_point(sweep(maps)).threshold, rel=1e-6)
+    # and beside it, independently: the Youden point of the pooled brain-mask voxels of all four cases
     scores, labels = _pooled_brain_voxels(model, trained)
     expected, _, _ = youden_threshold(scores, labels)
-    assert meta.threshold == pytest.approx(expected, rel=1e-6)
+    assert meta.youden_threshold == pytest.approx(expected, rel=1e-6)
     assert f"on {len(load_cases(trained['config'], progress=False))} case(s)" in r.output
 
 

@@ -33,10 +33,11 @@ def invoke(*args):
     return runner.invoke(app, ["validate", *(str(a) for a in args)])
 
 
-def _checkpoint(path: Path, name: str) -> Path:
+def _checkpoint(path: Path, name: str, youden: float | None = None) -> Path:
     meta = CheckpointMeta(model_name=name, model_version="0.0.1-test", threshold=0.5, normalisation="per-slice robust",
                           normalisation_version="1", training_data="none (test)", training_run_uid="1.2.826.0.1.99",
-                          in_plane_size=64, through_plane_mm=3.0)
+                          in_plane_size=64, through_plane_mm=3.0, youden_threshold=youden,
+                          threshold_rule="youden" if youden is None else "lesion-froc")
     return save_checkpoint(path, known_model("t1_cube_post"), meta)
 
 
@@ -73,6 +74,7 @@ def test_help_explains_the_options():
     (["--roles", "t1_cube_post,dwi"], "--roles"),
     (["--roles", "flair", "--all-combinations"], "at most one"),
     (["--threshold", "1.5"], "--threshold"),
+    (["--threshold", "otsu"], "--threshold"),
     (["--bootstrap", "-1"], "--bootstrap"),
 ])
 def test_bad_arguments_exit_2(files, tmp_path, args, message):
@@ -168,3 +170,22 @@ def test_a_dicom_study_with_nifti_truth(tmp_path):
     [row] = list(csv.DictReader((tmp_path / "out" / "cases.csv").open()))
     assert (row["case_id"], row["roles_given"]) == ("site-case", combination_key(ALL[:3]))
     assert int(row["n_lesions"]) == doc["dataset"]["n_lesions"] > 0
+
+
+@pytest.mark.slow
+def test_threshold_youden_selects_the_stored_youden_point(phantoms, tmp_path):
+    model = _checkpoint(tmp_path / "froc.safetensors", "froc", youden=0.25)
+    out = tmp_path / "out"
+    r = invoke(phantoms / "data", "--model", model, "--out", out, "--no-progress", "--bootstrap", "0",
+               "--threshold", "youden")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())["models"]["model"]
+    assert m["threshold"] == 0.25 and "youden" in m["threshold_source"].lower()
+    assert (m["checkpoint_threshold"], m["checkpoint_threshold_rule"], m["checkpoint_youden_threshold"]) == \
+        (0.5, "lesion-froc", 0.25)
+    assert "0.5 (lesion-froc); Youden point 0.25" in (out / "report.html").read_text()
+    # a checkpoint from before the Youden point was stored: a usage error, nothing evaluated
+    old = _checkpoint(tmp_path / "old.safetensors", "old")
+    r = invoke(phantoms / "data", "--model", old, "--out", tmp_path / "old", "--cache", out / "cache", "--no-progress",
+               "--bootstrap", "0", "--threshold", "youden")
+    assert r.exit_code == 2 and "does not record its Youden point" in r.output

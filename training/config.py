@@ -86,8 +86,9 @@ class RecipeSection(_Section):
     threads: int | None = Field(default=None, ge=1)
     #: validation slices scored after every epoch (loss, Dice at 0.5) for the metrics log
     monitor_slices: int = Field(default=64, ge=0)
-    #: how calibration picks the operating threshold on the validation voxels (youden = the method)
-    threshold_rule: Literal["youden", "max-dice"] = "youden"
+    #: how calibration picks the operating threshold on the validation cases (pipeline.checkpoint.THRESHOLD_RULES):
+    #: lesion-froc = most lesions found with <= 0.5 FP (>= 10 mm^3) per patient; youden = the method's voxel rule
+    threshold_rule: Literal["lesion-froc", "youden", "max-dice"] = "lesion-froc"
 
 
 class OutputSection(_Section):

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.checkpoint import CheckpointMeta, load_checkpoint
 from pipeline.model import ILDDeepLabV3, combination_key
-from training.calibrate import evaluate_cases, model_combinations, pooled_threshold
+from training.calibrate import choose_threshold, evaluate_cases, full_role_maps, model_combinations
 from training.data.cache import CachedCase
 from training.config import TrainConfig
 from training.formatting import fixed, mean_sd
@@ -53,8 +53,8 @@ _THRESHOLD_STUDY = ("t1_cube_pre+t1_cube_post+flair", "t1_bravo_post+t1_cube_pre
 
 def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[CachedCase], *,
                    progress: bool = True, other_thresholds: Sequence[float] = (0.5,)) -> dict[str, Any]:
-    """Per combination: the patients' metrics and their summary at the checkpoint's threshold; for the no-BRAVO
-    and four-role combinations also at ``other_thresholds`` (same predictions)."""
+    """Per combination: the patients' metrics and their summary at the checkpoint's threshold (``threshold_rule``);
+    for the no-BRAVO and four-role combinations also at ``other_thresholds`` (same predictions)."""
     per: dict[str, list[PatientMetrics]] = {}
     other: dict[str, dict[float, list[PatientMetrics]]] = {}
     t0 = time.perf_counter()
@@ -71,6 +71,7 @@ def evaluate_model(model: ILDDeepLabV3, meta: CheckpointMeta, cases: Sequence[Ca
                     case_id=case.case_id))
     seconds = time.perf_counter() - t0
     return {"model_name": meta.model_name, "model_version": meta.model_version, "threshold": meta.threshold,
+            "threshold_rule": meta.threshold_rule,
             "architecture": model.config.to_dict(), "seconds": seconds, "slices": n_slices,
             "combinations": {k: {"summary": summarise(v), "patients": [p.to_dict() for p in v]}
                              for k, v in per.items()},
@@ -138,11 +139,16 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
         if (meta.in_plane_size, meta.through_plane_mm) != (cfg.model.in_plane_size, cfg.model.through_plane_mm):
             raise ValueError(f"{path}: trained on a {meta.in_plane_size} px / {meta.through_plane_mm} mm grid, the "
                              f"config prepares {cfg.model.in_plane_size} px / {cfg.model.through_plane_mm} mm")
-        # the validation split's max-Dice threshold (the other rule of dicom-node calibrate), for comparison
+        # the other rules on the validation split, for comparison: the method's Youden point (stored in the
+        # checkpoint since #17; chosen here for older ones) and the max-Dice point, then 0.5
         validation = [cases[c] for c in read_splits(cfg.output.dir / "splits.json")["validation"]]
-        t_dice = pooled_threshold(model, validation, rule="max-dice", progress=progress)[0]
-        results[label] = evaluate_model(model, meta, test, progress=progress, other_thresholds=(t_dice, 0.5))
-        results[label]["validation_max_dice_threshold"] = t_dice
+        maps = full_role_maps(model, validation, progress=progress)
+        named = {"youden": meta.youden_threshold or choose_threshold(maps, "youden").threshold,
+                 "max-dice": choose_threshold(maps, "max-dice").threshold, "fixed": 0.5}
+        del maps
+        named = {k: t for k, t in named.items() if not (k == meta.threshold_rule and t == meta.threshold)}
+        results[label] = evaluate_model(model, meta, test, progress=progress, other_thresholds=tuple(named.values()))
+        results[label]["other_threshold_rules"] = {str(t): k for k, t in named.items()}
     doc = {"test_cases": test_ids, "lesion_counts": {c: cases[c].n_lesions for c in test_ids}, **results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=float))
@@ -164,14 +170,17 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
     md.append("### ILD model, every role combination\n\n" + markdown_table(
         [(short_name(k), v["summary"]) for k, v in ild["combinations"].items()]))
     md.append("### By number of lesions (BRAVO missing)\n\n" + _groups_table(ild["model_name"], ild["combinations"][no_bravo]["summary"]))
-    thr_rows = [(f"{r['model_name']}, {short_name(k)}, threshold {float(t):.3g}", d[t])
+    thr_rows = [(f"{r['model_name']}, {short_name(k)}, {r['other_threshold_rules'][t]} {float(t):.3g}", d[t])
                 for r in results.values() for k, d in r["other_thresholds"].items() for t in d]
     if thr_rows:
         md.append("### The same predictions at other thresholds (not the model's operating point)\n\n"
-                  + "The first of each pair is the threshold of maximum pooled Dice on the validation split "
-                    "(`dicom-node calibrate --rule max-dice`), the second 0.5.\n\n" + markdown_table(thr_rows))
+                  + "youden: the method's rule, the maximum Youden index of the pooled voxel ROC on the validation "
+                    "split (`dicom-node validate --threshold youden`, node `model.threshold: youden`); max-dice: the "
+                    "maximum pooled voxel Dice on the validation split (`dicom-node calibrate --rule max-dice`); "
+                    "fixed: 0.5.\n\n" + markdown_table(thr_rows))
     for label, r in results.items():
-        md.append(f"{r['model_name']}: threshold {r['threshold']:.3g}; evaluation {r['seconds']:.0f} s for "
+        md.append(f"{r['model_name']}: threshold {r['threshold']:.3g} ({r['threshold_rule']}); evaluation "
+                  f"{r['seconds']:.0f} s for "
                   f"{r['slices']} slices ({1000 * r['seconds'] / max(r['slices'], 1):.1f} ms/slice incl. metrics).\n")
     runs = {c.model.name: c.output.dir / "metrics.csv" for c in (cfg, baseline_cfg) if c is not None}
     runs = {k: v for k, v in runs.items() if v.is_file()}

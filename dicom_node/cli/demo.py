@@ -11,6 +11,7 @@ names are fake anyway).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,8 @@ class DemoStudy:
     study_uid: str = ""
     n_files: int = 0
     n_series: int = 0
-    truth_lesions: list[float] = field(default_factory=list)  # planted lesion volumes, mm3
+    #: planted lesions, largest first: (volume mm3, centroid LPS mm)
+    truth_lesions: list[tuple[float, tuple[float, float, float]]] = field(default_factory=list)
     generate_s: float = 0.0
     send_s: float = 0.0
     send_line: str = ""
@@ -174,10 +177,46 @@ def _generate(study: DemoStudy, studies_dir: Path, voxel_mm: float | None) -> No
     study.generate_s = time.monotonic() - start
     study.n_files = len(files)
     study.n_series = len(synthetic.series)
-    study.truth_lesions = sorted((les.volume_mm3 for les in synthetic.lesions), reverse=True)
+    study.truth_lesions = sorted(((les.volume_mm3, les.centroid_lps_mm) for les in synthetic.lesions), reverse=True)
     import pydicom
 
     study.study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _radius_mm(volume_mm3: float) -> float:
+    """Radius (mm) of the sphere of ``volume_mm3``."""
+    return (3.0 * volume_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)
+
+
+#: Slack (mm) added to the touching distance of two lesions' equivalent spheres: about one voxel.
+MATCH_SLACK_MM = 1.0
+
+
+def match_planted(planted: Sequence[tuple[float, Sequence[float]]], found: Sequence[tuple[float, Sequence[float]]]
+                  ) -> tuple[list[list[int]], list[bool]]:
+    """Which found lesions are planted ones, from volumes (mm3) and centroids (LPS mm) alone (the demo has no
+    voxel truth on the node's side): a found and a planted lesion match when their centroids are no farther apart
+    than the radii of their equivalent spheres plus :data:`MATCH_SLACK_MM` (the spheres touch). Returns, per
+    planted lesion, the 1-based numbers of the found lesions matching it, and per found lesion whether it matches
+    any planted one (False = a false lesion)."""
+    per_planted = [[j + 1 for j, (fv, fc) in enumerate(found)
+                    if math.dist(pc, fc) <= _radius_mm(pv) + _radius_mm(fv) + MATCH_SLACK_MM]
+                   for pv, pc in planted]
+    matched = {j for js in per_planted for j in js}
+    return per_planted, [j + 1 in matched for j in range(len(found))]
+
+
+def _say_truth(study: DemoStudy, lesions: Sequence[dict[str, Any]]) -> None:
+    """Planted vs found: each planted lesion found (as which numbers) or missed, and the found ones that match none."""
+    per_planted, is_true = match_planted(study.truth_lesions,
+                                         [(les["volume_mm3"], les["centroid_lps_mm"]) for les in lesions])
+    n_found = sum(1 for js in per_planted if js)
+    false = [les["number"] for les, ok in zip(lesions, is_true) if not ok]
+    _say(f"  planted           {len(study.truth_lesions)} lesion(s): {n_found} found, "
+         f"{len(study.truth_lesions) - n_found} missed; {len(false)} of the {len(lesions)} found match no planted "
+         "lesion (false)" + (f": #{', #'.join(map(str, false))}" if false else ""))
+    for i, ((volume, _), js) in enumerate(zip(study.truth_lesions, per_planted, strict=True), 1):
+        _say(f"    planted {i:<3d} {volume:9.1f} mm3  " + (f"found as #{', #'.join(map(str, js))}" if js else "MISSED"))
 
 
 def _log_tail(log: Path, lines: int = 25) -> str:
@@ -314,13 +353,14 @@ def _report(study: DemoStudy, st: dict[str, Any], times: dict[str, float | None]
     summary = json.loads(summary_path.read_text()) if summary_path and summary_path.is_file() else None
     if summary is not None:
         lesions = summary["lesions"]
-        _say(f"  lesions           {summary['lesion_count']} ({summary['lesion_count_ge_10mm3']} >= 10 mm3), "
-             f"total {summary['total_volume_mm3']:.0f} mm3; the phantom has {len(study.truth_lesions)} "
-             f"({sum(v >= 10 for v in study.truth_lesions)} >= 10 mm3)")
+        _say(f"  lesions           {summary['lesion_count']} found ({summary['lesion_count_ge_10mm3']} >= 10 mm3), "
+             f"total {summary['total_volume_mm3']:.0f} mm3; {len(study.truth_lesions)} planted "
+             f"({sum(v >= 10 for v, _ in study.truth_lesions)} >= 10 mm3)")
         if lesions:
             _say("       #   volume mm3   max diameter mm")
         for les in lesions:
             _say(f"    {les['number']:4d}  {les['volume_mm3']:11.1f}  {les['max_diameter_mm']:16.1f}")
+        _say_truth(study, lesions)
         _say("  written:")
         for name in RESULT_FILES:
             path = result_dir / name

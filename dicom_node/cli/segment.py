@@ -90,15 +90,18 @@ def segment(
 
     from tqdm import tqdm
 
-    from pipeline.checkpoint import CheckpointError, load_checkpoint
+    from pipeline.checkpoint import CheckpointError, load_checkpoint, select_threshold
     from pipeline.io import SeriesLoadError
     from pipeline.outputs import write_outputs
     from pipeline.study import StudyError, StudySettings, run_study
 
     try:
         model, meta = load_checkpoint(model_file)
+        meta = select_threshold(meta, cfg.model.threshold)
     except CheckpointError as exc:
         raise fail(f"invalid model: {exc}") from None
+    except ValueError as exc:
+        raise fail(f"model.{exc}") from None
     settings = StudySettings(batch_size=batch_size, device=cfg.model.device, threads=threads,
                              software_version=__version__)
     bar: list[tqdm] = []

@@ -76,14 +76,18 @@ def calibrate(
     cache: Path = typer.Option(None, "--cache", file_okay=False, show_default="<out folder>/cache",
                                help="Where --data cases are pre-processed and kept."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    rule: str = typer.Option("youden", "--rule", help="youden (maximum Youden index of the voxel ROC, the method) "
-                                                      "or max-dice (maximum pooled Dice)."),
+    rule: str = typer.Option("lesion-froc", "--rule", help="lesion-froc (highest lesion sensitivity with <= 0.5 false "
+                             "positives >= 10 mm3 per patient, ties to the best mean Dice), youden (maximum Youden "
+                             "index of the voxel ROC, the method; stored beside whatever the rule) or max-dice "
+                             "(maximum pooled voxel Dice)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
 ) -> None:
-    """Choose a model's threshold (maximum Youden index of the voxel-wise ROC in the brain masks) on validation
-    cases and store it, with AUC / Dice / lesion sensitivity for every role combination, in a new checkpoint."""
-    if rule not in ("youden", "max-dice"):
-        raise fail(f"--rule: expected youden or max-dice, got {rule!r}", EXIT_USAGE)
+    """Choose a model's threshold on validation cases (--rule; the Youden point is stored beside it) and store it,
+    with AUC / Dice / lesion sensitivity for every role combination, in a new checkpoint."""
+    from pipeline.checkpoint import THRESHOLD_RULES
+
+    if rule not in THRESHOLD_RULES:
+        raise fail(f"--rule: expected one of {', '.join(THRESHOLD_RULES)}, got {rule!r}", EXIT_USAGE)
     if (config is None) == (data is None):
         raise fail("give exactly one of --config (its validation split) or --data (a folder of cases)", EXIT_USAGE)
     from pipeline.checkpoint import CheckpointError, load_checkpoint
@@ -132,8 +136,8 @@ def calibrate(
                                       device=resolve_device(device), progress=not no_progress, rule=rule)
     except (CaseError, ValueError) as exc:
         raise fail(str(exc)) from None
-    typer.echo(f"threshold {cal_meta.threshold:.4g} ({rule}; was {meta.threshold:.4g}, {meta.threshold_rule}) "
-               f"on {len(chosen)} case(s)")
+    typer.echo(f"threshold {cal_meta.threshold:.4g} ({rule}; was {meta.threshold:.4g}, {meta.threshold_rule}), "
+               f"Youden point {cal_meta.youden_threshold:.4g}, on {len(chosen)} case(s)")
     for key, m in cal_meta.validation.items():
         typer.echo(f"  {key:45s} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
     typer.echo(f"wrote {out}")

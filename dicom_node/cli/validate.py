@@ -36,6 +36,19 @@ def _parse_roles(text: str) -> tuple[str, ...]:
     return roles
 
 
+def _parse_threshold(text: str) -> float | None:
+    """``--threshold``: a number in (0, 1), or None for "youden" (read from each checkpoint); exit 2 otherwise."""
+    if text == "youden":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise fail(f"--threshold must be a number in (0, 1) or youden, got {text}", EXIT_USAGE)
+    return value
+
+
 def _cases(data: Path, kind: str, cache: Path, grid, progress: bool) -> list:  # -> list[CachedCase]
     """Every case under ``data``, pre-processed onto the models' grid (cached under ``cache``); exit 2 if none."""
     from dicom_node.cli.train import _assign_roles
@@ -68,8 +81,9 @@ def validate(
     calibrate_on: Path = typer.Option(None, "--calibrate-on", exists=True, file_okay=False,
                                       help="Choose each model's threshold on these cases (maximum Youden index of "
                                            "the pooled voxel ROC in the brain masks) instead of the checkpoint's."),
-    threshold: float = typer.Option(None, "--threshold", help="Use this operating threshold (0 < T < 1) for "
-                                    "every model instead of the checkpoint's."),
+    threshold: str = typer.Option(None, "--threshold", help="Use this operating threshold for every model instead "
+                                  "of the checkpoint's: a number 0 < T < 1, or youden (each checkpoint's stored "
+                                  "validation Youden point, the method's rule)."),
     out: Path = typer.Option(Path("validation"), "--out", "-o", file_okay=False,
                              help="Output folder: report.html, report.pdf, metrics.json, cases.csv."),
     cache: Path = typer.Option(None, "--cache", file_okay=False, show_default="<out>/cache",
@@ -90,8 +104,7 @@ def validate(
         raise fail("give at most one of --roles and --all-combinations", EXIT_USAGE)
     if threshold is not None and calibrate_on is not None:
         raise fail("give at most one of --threshold and --calibrate-on", EXIT_USAGE)
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise fail(f"--threshold must be in (0, 1), got {threshold}", EXIT_USAGE)
+    fixed_threshold = _parse_threshold(threshold) if threshold is not None else None
     if bootstrap < 0:
         raise fail(f"--bootstrap must be >= 0, got {bootstrap}", EXIT_USAGE)
     forced = _parse_roles(roles) if roles is not None else ()
@@ -107,6 +120,7 @@ def validate(
         raise fail(f"the models were trained on different grids {sorted(grids)}: they cannot share cases",
                    EXIT_USAGE)
 
+    from pipeline.checkpoint import select_threshold
     from pipeline.inference import resolve_device
     from training.calibrate import pooled_threshold
     from training.data.cache import GridSettings
@@ -130,8 +144,13 @@ def validate(
             if calibrate_on is not None:
                 t = pooled_threshold(net, val_cases, device=dev, progress=progress)[0]
                 source = f"calibrated on {calibrate_on.name} ({len(val_cases)} cases, youden)"
-            elif threshold is not None:
-                t, source = threshold, "--threshold"
+            elif fixed_threshold is not None:
+                t, source = fixed_threshold, "--threshold"
+            elif threshold == "youden":
+                try:
+                    t, source = select_threshold(meta, "youden").threshold, "checkpoint's Youden point (youden)"
+                except ValueError as exc:
+                    raise fail(f"--threshold youden: {path}: {exc}", EXIT_USAGE) from None
             else:
                 t, source = meta.threshold, f"checkpoint ({meta.threshold_rule})"
             runs.append(ModelRun(label, path, net, meta, float(t), source,

@@ -74,6 +74,7 @@ class ModelRun:
                 "kind": "ILD" if self.net.config.ild else "baseline", "roles": list(self.net.config.roles),
                 "threshold": self.threshold, "threshold_source": self.threshold_source,
                 "checkpoint_threshold": self.meta.threshold, "checkpoint_threshold_rule": self.meta.threshold_rule,
+                "checkpoint_youden_threshold": self.meta.youden_threshold,
                 "training_data": self.meta.training_data}
 
 

@@ -121,11 +121,19 @@ def _p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
+def _stored(m: dict[str, Any]) -> str:
+    """The checkpoint's own threshold and rule, and its Youden point (the method's rule) where it records one."""
+    youden = m.get("checkpoint_youden_threshold")
+    return (f"{m['checkpoint_threshold']:.6g} ({m['checkpoint_threshold_rule']}); Youden point "
+            + ("not recorded" if youden is None else f"{youden:.6g}"))
+
+
 def models_table(doc: dict[str, Any]) -> Table:
     rows = [[label, m["name"], m["version"], m["kind"], m["device_uid"], f"{m['threshold']:.6g}",
-             m["threshold_source"], m["sha256_16"]] for label, m in doc["models"].items()]
+             m["threshold_source"], _stored(m), m["sha256_16"]] for label, m in doc["models"].items()]
     return Table("Models", ["", "name", "version", "kind", "device UID (training run)", "threshold",
-                            "threshold from", "file SHA-256 (16)"], rows)
+                            "threshold from", "checkpoint's threshold (rule); Youden point", "file SHA-256 (16)"],
+                 rows)
 
 
 def dataset_table(doc: dict[str, Any]) -> Table:
