@@ -58,7 +58,7 @@ def sweep(patients: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, Sequence[float]
     3D (slice, row, column), compared in the map's own precision as :func:`training.metrics.evaluate_patient`."""
     if not patients:
         raise ValueError("sweep needs at least one patient")
-    maps = [(np.asarray(p), np.asarray(t) > 0, s) for p, t, s in patients]
+    maps = [_crop(np.asarray(p), np.asarray(t) > 0, min(thresholds)) + (s,) for p, t, s in patients]
     out = []
     for threshold in thresholds:
         dice, hits, n_true, fp_10 = [], 0, 0, 0
@@ -73,6 +73,16 @@ def sweep(patients: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, Sequence[float]
                                   lesion_sensitivity=hits / n_true if n_true else float("nan"),
                                   fp_10_per_patient=fp_10 / len(maps)))
     return out
+
+
+def _crop(prob: np.ndarray, truth: np.ndarray, lowest: float) -> tuple[np.ndarray, np.ndarray]:
+    """``prob`` and ``truth`` cut to the box of every voxel that is true or reaches ``lowest``: outside it every
+    voxel is negative at every threshold of the sweep, so Dice and components are unchanged (and ~3x cheaper)."""
+    keep = truth | (prob >= np.asarray(lowest, dtype=prob.dtype))
+    if not keep.any():
+        return prob, truth
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(keep))
+    return prob[box], truth[box]
 
 
 def lesion_froc_point(points: Sequence[OperatingPoint],
