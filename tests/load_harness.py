@@ -70,15 +70,19 @@ def study_copies(template: Path, out: Path, n: int) -> list[LoadStudy]:
     return copies
 
 
+#: Seconds within which every C-STORE of a load run must be answered (a PACS's usual DIMSE timeout).
+DIMSE_TIMEOUT = 30
+
+
 def send_parallel(port: int, studies: Sequence[LoadStudy], associations: int,
                   timeout: float = 600) -> list[subprocess.CompletedProcess[str]]:
     """Send ``studies`` over ``associations`` concurrent DCMTK ``storescu`` runs (study i on run i mod K,
-    each run one association)."""
+    each run one association, every answer due within DIMSE_TIMEOUT s)."""
     results: list[subprocess.CompletedProcess[str]] = []
     lock = threading.Lock()
 
     def send(part: Sequence[LoadStudy]) -> None:
-        r = storescu(port, [s.folder for s in part], timeout=timeout)
+        r = storescu(port, [s.folder for s in part], timeout=timeout, dimse_timeout=DIMSE_TIMEOUT)
         with lock:
             results.append(r)
 

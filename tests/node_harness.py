@@ -71,9 +71,11 @@ def storescp(out: Path, *, ae_title: str = "DEST", port: int | None = None, extr
 
 
 def storescu(port: int, paths: Sequence[Path], *, called: str = "ILD_NODE", calling: str = "PACS",
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """DCMTK ``storescu`` of files or folders (recursively) to the node on 127.0.0.1."""
-    return subprocess.run(["storescu", "-aet", calling, "-aec", called, "+sd", "+r", "-nh", "127.0.0.1",
+             timeout: float = 120, dimse_timeout: int | None = None) -> subprocess.CompletedProcess[str]:
+    """DCMTK ``storescu`` of files or folders (recursively) to the node on 127.0.0.1; ``dimse_timeout``
+    (s): each C-STORE answer must come within it, else storescu aborts and exits non-zero."""
+    dimse = ["--dimse-timeout", str(dimse_timeout)] if dimse_timeout is not None else []
+    return subprocess.run(["storescu", "-aet", calling, "-aec", called, "+sd", "+r", "-nh", *dimse, "127.0.0.1",
                            str(port), *map(str, paths)], capture_output=True, text=True, timeout=timeout,
                           check=False, env=DCMTK_ENV)
 
