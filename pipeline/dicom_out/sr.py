@@ -4,16 +4,18 @@ Content tree (codes in :mod:`pipeline.dicom_out.common`):
 
 * title DCM 126000 "Imaging Measurement Report"; procedure SCT 241601008 "MR of head"; observer = the algorithm
   as a device (its Device UID, name, manufacturer, model); Image Library = the reference series' instances.
-* Imaging Measurements (DCM 126010), two groups per lesion, in SEG segment order, both with the Tracking ID/UID
+* Imaging Measurements (DCM 126010), two groups per lesion, in SEG segment order, both with the Tracking UID
   of the lesion's SEG segment (so a viewer, OHIF among them, merges them into one finding):
 
-  - TID 1411 volumetric group: ``ReferencedSegment`` to the segment, finding SCT 14799000, finding site SCT
-    12738006, Volume (SCT 118565006, UCUM ``mm3``, method DCM 126030) with the algorithm identification
-    (TID 4019);
   - TID 1501 group with what a viewer draws: Long axis (SCT 103339001, UCUM ``mm``), RANO-BM's longest in-plane
     diameter, and the perpendicular Short axis (SCT 103340004) when the lesion is wider than one pixel across
     it, each with a SCOORD POLYLINE of its two end points on the reference image (frame) where the long axis
-    is longest.
+    is longest. Its Tracking Identifier is the segment's behind :data:`VIEWER_LENGTH_TRACKING_PREFIX`, and it
+    comes first: OHIF (3.13) loads an SR's measurements into its measurement panel only when the first group
+    of a Tracking UID has a Tracking Identifier its tools know, and then draws this one as a length;
+  - TID 1411 volumetric group, Tracking Identifier = the segment's (``ILD-MET-<n>``): ``ReferencedSegment`` to
+    the segment, finding SCT 14799000, finding site SCT 12738006, Volume (SCT 118565006, UCUM ``mm3``, method
+    DCM 126030) with the algorithm identification (TID 4019).
 * Derived Imaging Measurements (DCM 126011), the study's figures: Number of lesions (99ILD ILD001, UCUM ``1``),
   Number of lesions >= 10 mm3 (ILD002), Total lesion volume (ILD003, ``mm3``), Threshold Value (DCM 122411,
   UCUM ``{probability}``).
@@ -46,6 +48,9 @@ __all__ = ["DEFAULT_SR_SERIES_NUMBER", "write_sr"]
 
 DEFAULT_SR_SERIES_NUMBER = 9902
 COUNT_LIMIT_MM3 = 10.0  # the limit named by the ILD002 code's meaning
+# Cornerstone3D's (OHIF's) Length tool accepts a Tracking Identifier that starts with this (@cornerstonejs/adapters
+# BaseAdapter3D.isValidCornerstoneTrackingIdentifier); it reads the group's first NUM and that NUM's SCOORD.
+VIEWER_LENGTH_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:Length:"
 
 
 def _segments(seg: Dataset) -> dict[int, Dataset]:
@@ -197,23 +202,13 @@ def write_sr(
     groups: list = []
     for les in result.lesions:
         segment = segments[les.number]
-        tracking = hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID)
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_view, segment_number=les.number),
-            finding_type=common.TYPE_METASTASIS,
-            finding_sites=[brain],
-            algorithm_id=algorithm_id,
-            measurements=[hd.sr.Measurement(
-                name=common.VOLUME, value=les.volume_mm3, unit=common.UNITS["mm3"],
-                method=common.METHOD_VOXEL_SUM, algorithm_id=algorithm_id)],
-        ))
         image = _source_image(source_datasets, frame_of_slice[les.in_plane.slice_index])
         axes = [(common.LONG_AXIS, les.in_plane.long_axis_mm, les.in_plane.long_axis)]
         if les.in_plane.short_axis is not None:
             axes.append((common.SHORT_AXIS, les.in_plane.short_axis_mm, les.in_plane.short_axis))
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=segment.TrackingUID, identifier=VIEWER_LENGTH_TRACKING_PREFIX + segment.TrackingID),
             finding_type=common.TYPE_METASTASIS,
             finding_sites=[brain],
             algorithm_id=algorithm_id,
@@ -222,6 +217,16 @@ def write_sr(
                 referenced_coordinates=[hd.sr.CoordinatesForMeasurement(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=_scoord(ends), source_image=image)])
                 for name, length, ends in axes],
+        ))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.TrackingUID, identifier=segment.TrackingID),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg_view, segment_number=les.number),
+            finding_type=common.TYPE_METASTASIS,
+            finding_sites=[brain],
+            algorithm_id=algorithm_id,
+            measurements=[hd.sr.Measurement(
+                name=common.VOLUME, value=les.volume_mm3, unit=common.UNITS["mm3"],
+                method=common.METHOD_VOXEL_SUM, algorithm_id=algorithm_id)],
         ))
 
     observer = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
