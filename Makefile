@@ -7,6 +7,7 @@
 #   PYTEST_ARGS     extra pytest arguments (e.g. -k rules, -x)
 #   CONFIG          config file for `make run`
 #   MODEL_STUDIES   synthetic studies generated for `make model` (seeds 1000 ...; the bundled model used 72)
+#   OHIF_VERSION    the OHIF viewer (npm package @ohif/app, its built dist/) that tests/test_viewer.py opens
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -15,11 +16,13 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 CONFIG ?= config/node.yaml
 MODEL_STUDIES ?= 72
+OHIF_VERSION ?= 3.13.2
+OHIF := var/ohif/$(OHIF_VERSION)
 SYNTHETIC := var/synthetic/nifti
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test demo model clean help debian-tools
+.PHONY: install run test demo model clean help debian-tools ohif
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,9 +40,11 @@ $(STAMP): setup.cfg pyproject.toml
 run: install  ## run the node on config/node.yaml (embedded defaults)
 	$(VENV)/bin/dicom-node serve --config $(CONFIG)
 
+# each entry is COMMAND:PACKAGE, or FILE:PACKAGE for a package that installs no command (an Orthanc plugin)
 debian-tools:
-	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium pdftoppm:poppler-utils pg_ctlcluster:postgresql systemd-analyze:systemd; do \
-	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	@missing=""; for t in storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
+	  chromium:chromium npm:npm pdftoppm:poppler-utils pg_ctlcluster:postgresql systemd-analyze:systemd; do \
+	  case $${t%%:*} in /*) test -e $${t%%:*} ;; *) command -v $${t%%:*} >/dev/null ;; esac || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -47,8 +52,19 @@ debian-tools:
 	  else echo "warning: missing$$missing (run as root or install them: apt-get install$$missing); tests that need them fail"; fi; \
 	fi
 
-test: install debian-tools  ## install everything the tests need, then run them all
-	$(VENV)/bin/python -m pytest -n auto $(PYTEST_ARGS)
+# The built viewer, fetched by name and version from the npm registry (npm checks the registry's checksum);
+# only its dist/ is kept. Skipped when already there.
+$(OHIF)/dist/index.html: | debian-tools
+	rm -rf $(OHIF) && mkdir -p $(OHIF)
+	cd $(OHIF) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	tar -xzf $(OHIF)/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF) --strip-components=1 package/dist
+	rm $(OHIF)/ohif-app-$(OHIF_VERSION).tgz
+
+ohif: $(OHIF)/dist/index.html  ## the OHIF viewer for tests/test_viewer.py, in var/ohif/
+
+# OHIF_DIST tells tests/test_viewer.py that the viewer must be there (it fails rather than skips)
+test: install debian-tools ohif  ## install everything the tests need, then run them all
+	OHIF_DIST=$(CURDIR)/$(OHIF)/dist $(VENV)/bin/python -m pytest -n auto $(PYTEST_ARGS)
 
 demo: install debian-tools  ## end-to-end demo: two synthetic studies through the node on its defaults
 	$(VENV)/bin/dicom-node demo --config $(CONFIG)

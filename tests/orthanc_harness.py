@@ -3,7 +3,8 @@
 The configuration is the site's ``deploy/orthanc/orthanc.json`` with only what a test must change:
 storage and index in a temporary folder, free DICOM and HTTP ports, the node's port in the ``ild-node``
 modality, the deploy Lua script by its path in this checkout, a short ``StableAge``, a test password, no
-plugins. Orthanc 1.10 cannot bind to one interface, so "loopback only" comes from its own checks: HTTP
+plugins but DICOMweb when asked (``dicomweb=True``: Debian's ``orthanc-dicomweb``, at ``/dicom-web/``).
+Orthanc 1.10 cannot bind to one interface, so "loopback only" comes from its own checks: HTTP
 ``RemoteAccessAllowed: false``; DICOM stores only from listed modalities (``DicomAlwaysAllowStore: false``)
 whose host (127.0.0.1) is checked (``DicomCheckModalityHost: true``), echo only from them too.
 
@@ -29,6 +30,8 @@ DEPLOY = ROOT / "deploy" / "orthanc"
 DEPLOY_CONFIG = DEPLOY / "orthanc.json"
 LUA_SCRIPT = DEPLOY / "route-to-ild-node.lua"
 NODE_MODALITY = "ild-node"  # the name of the node's entry in the deploy config's "DicomModalities"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian package orthanc-dicomweb
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def strip_json_comments(text: str) -> str:
@@ -62,8 +65,11 @@ def load_orthanc_config(path: Path = DEPLOY_CONFIG) -> dict[str, Any]:
 
 
 def orthanc_config(tmp: Path, *, node_port: int, node_ae_title: str = "ILD_NODE", stable_age: int = 2,
-                   **overrides: Any) -> Path:
-    """A test Orthanc's configuration under ``tmp``, derived from ``deploy/orthanc/orthanc.json``."""
+                   dicomweb: bool = False, **overrides: Any) -> Path:
+    """A test Orthanc's configuration under ``tmp``, derived from ``deploy/orthanc/orthanc.json``; with
+    ``dicomweb`` its DICOMweb plugin loaded (QIDO-RS/WADO-RS/STOW-RS under ``DICOMWEB_ROOT``)."""
+    if dicomweb and not DICOMWEB_PLUGIN.exists():
+        raise AssertionError(f"{DICOMWEB_PLUGIN} is missing (Debian package orthanc-dicomweb; `make debian-tools`)")
     cfg = load_orthanc_config()
     storage = tmp / "orthanc-storage"
     (tmp / "orthanc-tmp").mkdir(parents=True, exist_ok=True)
@@ -72,7 +78,7 @@ def orthanc_config(tmp: Path, *, node_port: int, node_ae_title: str = "ILD_NODE"
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
         "TemporaryDirectory": str(tmp / "orthanc-tmp"),
-        "Plugins": [],
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "DicomPort": free_port(),
         "HttpPort": free_port(),
         "RemoteAccessAllowed": False,
@@ -82,6 +88,8 @@ def orthanc_config(tmp: Path, *, node_port: int, node_ae_title: str = "ILD_NODE"
         "StableAge": stable_age,
         "SaveJobs": False,
     })
+    if dicomweb:
+        cfg["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": True, "Ssl": False}
     node = cfg["DicomModalities"][NODE_MODALITY]
     node.update({"AET": node_ae_title, "Host": "127.0.0.1", "Port": node_port})
     cfg.update(overrides)
