@@ -129,12 +129,12 @@ def test_seg_and_sr_in_ohif(tmp_path: Path) -> None:
 
             # ---- SEG: prompt, hydration, labels, a clicked segment's statistics, overlay pixels
             thumbnails.filter(has_text="SEG").dblclick()
-            page.get_by_text("Do you want to open this Segmentation?").wait_for(timeout=30_000)
+            page.get_by_text("Do you want to open this Segmentation?").wait_for(timeout=60_000)
             page.get_by_role("button", name="Yes").click()
             page.locator('[data-cy="panelSegmentation-btn"]').click()
             labels = [segment_label(les) for les in lesions]
             for label in labels:
-                page.get_by_text(label, exact=True).first.wait_for(timeout=30_000)
+                page.get_by_text(label, exact=True).first.wait_for(timeout=60_000)
             panel = page.locator("body").inner_text()
             assert re.findall(r"Met \d+ - [\d.]+ mL", panel) == labels
             first = lesions[0]
@@ -150,7 +150,7 @@ def test_seg_and_sr_in_ohif(tmp_path: Path) -> None:
                 text = page.locator("body").inner_text()
                 return text if STATISTICS.search(text) else None
 
-            text = wait_for(statistics_shown, 45, "OHIF's statistics of the clicked segment")
+            text = wait_for(statistics_shown, 60, "OHIF's statistics of the clicked segment")
             volume, centre = _segment_statistics(text, labels[0])
             assert volume == pytest.approx(first.volume_mm3, rel=0.01)
             assert centre == pytest.approx(np.array(first.centroid_lps_mm), abs=0.15)
@@ -161,10 +161,10 @@ def test_seg_and_sr_in_ohif(tmp_path: Path) -> None:
             # ---- SR: tracked, one length per lesion in the measurement panel, no page error
             console_before_sr = len(log.console_errors)
             thumbnails.filter(has_text="SR").dblclick()
-            page.get_by_text("Do you want to continue tracking measurements for this study?").wait_for(timeout=30_000)
+            page.get_by_text("Do you want to continue tracking measurements for this study?").wait_for(timeout=60_000)
             page.get_by_role("button", name="Yes").click()
             page.locator('[data-cy="trackedMeasurements-btn"]').click()
-            page.get_by_text(f"Measurements ({len(lesions)})").wait_for(timeout=30_000)
+            page.get_by_text(f"Measurements ({len(lesions)})").wait_for(timeout=60_000)
             listed = page.locator("body").inner_text().split(f"Measurements ({len(lesions)})")[-1]
             assert re.findall(r"([\d.]+) mm\b", listed) == [f"{les.in_plane.long_axis_mm:.2f}" for les in lesions]
             _keep(page, "ohif-sr.png")
