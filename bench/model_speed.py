@@ -76,7 +76,8 @@ def main() -> None:
         f"median/min of {args.repeats} after {args.warmup} warm-up; load average {load:.2f} on {os.cpu_count()} CPUs"
     )
     print(f"paper: ~{PAPER_MS:.0f} ms/slice on 2x GTX 1080 Ti; target: <= {TARGET_MS:.0f} ms/slice on 2 CPU cores")
-    header = f"{'architecture':<16}{'params':>11}{'GFLOP':>7}{'median ms':>11}{'min ms':>9}{'cpu ms':>9}{'min/target':>12}{'paper/min':>11}"
+    header = (f"{'architecture':<16}{'params':>11}{'GFLOP':>7}{'median ms':>11}{'min ms':>9}{'cpu ms':>9}"
+              f"{'min/target':>12}{'paper/min':>11}")
     print(header)
     for name in args.names:
         r = measure(name, batch=args.batch, size=args.size, repeats=args.repeats, warmup=args.warmup, threads=args.threads)

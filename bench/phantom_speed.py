@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.phantom import generate_study  # noqa: E402
-from training.phantom.dicom_writer import reference_series_uid, write_dicom_study  # noqa: E402
-from training.phantom.nifti_writer import write_truth  # noqa: E402
+from training.phantom import generate_study
+from training.phantom.dicom_writer import reference_series_uid, write_dicom_study
+from training.phantom.nifti_writer import write_truth
 
 BUDGET_S = 20.0
 

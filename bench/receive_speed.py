@@ -49,11 +49,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback helpers the tests use
 
-from node_harness import free_port, port_open, wait_for
+from node_harness import free_port, port_open, wait_for  # noqa: E402 - found through the path above
 
-from dicom_node.config import NodeConfig
-from dicom_node.logs import setup_logging
-from dicom_node.receiver import MAX_PDU_SIZE, ReceivedInstance, Receiver
+from dicom_node.config import NodeConfig  # noqa: E402
+from dicom_node.logs import setup_logging  # noqa: E402
+from dicom_node.receiver import MAX_PDU_SIZE, ReceivedInstance, Receiver  # noqa: E402
 
 AE_TITLE = "ILD_NODE"
 
@@ -173,7 +173,7 @@ def round_storescp(folders: list[Path], n: int, nagle: bool) -> float:
 
 
 def round_ours(folders: list[Path], n: int, nagle: bool,
-               sink_factory: Callable[[NodeConfig], Callable[[ReceivedInstance], None]] | None) -> float:
+               sink_factory: Callable[[NodeConfig], Callable[[ReceivedInstance], object]] | None) -> float:
     with tempfile.TemporaryDirectory(prefix="receiver-") as out:
         base = NodeConfig()
         config = base.model_copy(update={
@@ -209,8 +209,8 @@ def round_floor(folders: list[Path], n: int, nagle: bool) -> float:
 
     ae = AE(ae_title=AE_TITLE)
     ae.maximum_pdu_size = MAX_PDU_SIZE  # as the receiver: the same PDUs come in
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax)
+    for uid in (cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax):
+        ae.add_supported_context(uid)
     seen = [0]
     lock = threading.Lock()
 
@@ -221,6 +221,7 @@ def round_floor(folders: list[Path], n: int, nagle: bool) -> float:
 
     port = free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, answer)])
+    assert server is not None  # block=False returns the running server
     try:
         elapsed = storescu(port, folders, nagle)
     finally:
@@ -230,7 +231,7 @@ def round_floor(folders: list[Path], n: int, nagle: bool) -> float:
     return elapsed
 
 
-def index_sink(config: NodeConfig) -> Callable[[ReceivedInstance], None]:
+def index_sink(config: NodeConfig) -> Callable[[ReceivedInstance], object]:
     """The node's sink: the index on a fresh SQLite database beside the storage folder (WAL, as the default)."""
     from dicom_node.db import open_database
     from dicom_node.index import Index

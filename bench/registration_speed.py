@@ -49,7 +49,11 @@ def load(seed: int, cache: Path | None) -> tuple[str, dict[str, sitk.Image], dic
     st = generate_study(seed, vendor="ge")
     ref, maps = true_point_maps(seed, "ge", None)
     assert ref == st.reference_kind.value
-    images = {r: st.series_of(SeriesKind(r)).image for r in maps}
+    images = {}
+    for r in maps:
+        series = st.series_of(SeriesKind(r))
+        assert series is not None, f"the phantom study has no {r} series"
+        images[r] = series.image
     if d is not None:
         d.mkdir(parents=True, exist_ok=True)
         for r, img in images.items():
@@ -95,7 +99,7 @@ def run(name: str, settings: RegistrationSettings, data) -> list[dict]:
                        err_mean=round(float(err.mean()), 3), err_max=round(float(err.max()), 3),
                        fell_back=res.fell_back)
             rows.append(row)
-            print(f"{name:6s} seed {seed} {role:14s} {str(row['size']):16s} {res.seconds:6.2f} s  "
+            print(f"{name:6s} seed {seed} {role:14s} {row['size']!s:16s} {res.seconds:6.2f} s  "
                   f"err mean {err.mean():.3f} max {err.max():.3f} mm{'  FELL BACK' if res.fell_back else ''}",
                   flush=True)
         print(f"{name:6s} seed {seed} total {total:6.2f} s", flush=True)

@@ -33,21 +33,21 @@ def _child(arch: str, threads: int, batch: int, crop: int, steps: int, warmup: i
     from training.loss import segmentation_loss
 
     torch.set_num_threads(threads)
-    torch.backends.mkldnn.enabled = onednn
-    torch.manual_seed(0)
-    cfg = ARCHITECTURES[arch]
-    model = ILDDeepLabV3(cfg).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.rand(batch, cfg.in_channels, crop, crop)
-    y = (torch.rand(batch, 1, crop, crop) > 0.99).float()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        segmentation_loss(model(x), y, positive_weight=10.0, dice_weight=1.0).backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        torch.manual_seed(0)
+        cfg = ARCHITECTURES[arch]
+        model = ILDDeepLabV3(cfg).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        x = torch.rand(batch, cfg.in_channels, crop, crop)
+        y = (torch.rand(batch, 1, crop, crop) > 0.99).float()
+        times = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            segmentation_loss(model(x), y, positive_weight=10.0, dice_weight=1.0).backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
     print(json.dumps({"median": statistics.median(times), "min": min(times),
                       "capability": torch.backends.cpu.get_cpu_capability()}))
 

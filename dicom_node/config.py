@@ -50,13 +50,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_ae_title(value: str) -> str:
+def check_ae_title(value: str) -> str:
+    """``value`` without its padding spaces; ``ValueError`` unless it is an AE title (1-16 printable ASCII
+    characters, no backslash). The one check of every AE title the node reads (config, command line)."""
     if not re.fullmatch(AE_TITLE_PATTERN, value) or not value.strip():
         raise ValueError("expected an AE title of 1-16 printable ASCII characters, no backslash")
     return value.strip()
 
 
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
 
 
 class AllowedCaller(_Section):

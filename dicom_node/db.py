@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     Boolean,
@@ -34,20 +34,28 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import Executable
+
+from dicom_node.states import (  # noqa: F401 - re-exported: the queue's modules name states with the tables
+    CASE_STATES,
+    DELIVERY_STATES,
+    DONE,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    SENDING,
+    SENT,
+    SKIPPED,
+)
 
 log = logging.getLogger(__name__)
 
 UID = String(64)
 
-# Case states (docs: README "Queue"). done = results written, deliveries pending; sent = every
-# destination has them; skipped = nothing to process (reason says why) or superseded.
-QUEUED, RUNNING, DONE, FAILED, SENT, SKIPPED = "queued", "running", "done", "failed", "sent", "skipped"
-CASE_STATES = (QUEUED, RUNNING, DONE, FAILED, SENT, SKIPPED)
-# Delivery states.
-PENDING, SENDING = "pending", "sending"
-DELIVERY_STATES = (PENDING, SENDING, SENT, FAILED)
 
 
 class Base(DeclarativeBase):
@@ -271,6 +279,12 @@ def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
 
 
 T = TypeVar("T")
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """Rows an UPDATE or DELETE changed: the compare-and-set of a claim or a lease (``Session.execute`` is typed as
+    returning a plain ``Result``; for these statements it is a ``CursorResult``)."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount
 
 
 def transient(exc: BaseException) -> bool:

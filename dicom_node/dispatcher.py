@@ -36,6 +36,7 @@ from dicom_node.db import (
     Database,
     Delivery,
     Study,
+    rows_changed,
 )
 from dicom_node.scu import Peer, SendError, client_ssl_context, send_files
 
@@ -79,8 +80,8 @@ def _claim_next(db: Database, now: float, tried: set[int]) -> int | None:
                                                   Delivery.id.not_in(tried))
                         .order_by(Delivery.next_attempt_at, Delivery.id)).scalars().all()
         for did in due:
-            if s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == PENDING).values(
-                    state=SENDING, lease_expires_at=time.time() + LEASE_SECONDS, updated_at=now)).rowcount:
+            if rows_changed(s, update(Delivery).where(Delivery.id == did, Delivery.state == PENDING).values(
+                    state=SENDING, lease_expires_at=time.time() + LEASE_SECONDS, updated_at=now)):
                 return did
         return None
 
@@ -96,9 +97,9 @@ def _keep_lease(db: Database, delivery_id: int, stop: threading.Event) -> None:
         new = time.time() + LEASE_SECONDS
         try:
             with db.session() as s:
-                held = s.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.state == SENDING,
-                                                        Delivery.lease_expires_at == token)
-                                 .values(lease_expires_at=new)).rowcount
+                held = rows_changed(s, update(Delivery).where(Delivery.id == delivery_id, Delivery.state == SENDING,
+                                                              Delivery.lease_expires_at == token)
+                                    .values(lease_expires_at=new))
         except Exception:  # the database busy for a moment: the lease still has two thirds left
             log.exception("delivery %d: could not renew the lease; retrying", delivery_id)
             continue
@@ -120,8 +121,8 @@ def deliver_one(db: Database, config: NodeConfig, delivery_id: int) -> str:
     """Send one claimed delivery; returns its new state."""
     cfg = config.send
     with db.session() as s:
-        d = s.get(Delivery, delivery_id)
-        case = s.get(Case, d.case_id)
+        d = s.get_one(Delivery, delivery_id)
+        case = s.get_one(Case, d.case_id)
         study_uid = s.execute(select(Study.study_uid).where(Study.id == case.study_id)).scalar_one()
         name, attempts, result_dir, version = d.destination, d.attempts + 1, case.result_dir, case.version
     dest: Destination | None = next((x for x in config.destinations if x.name == name), None)

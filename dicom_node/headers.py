@@ -20,12 +20,13 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+
+from pipeline.io import files_under, functional_group
 
 log = logging.getLogger(__name__)
 
@@ -304,23 +305,13 @@ def instance_header_from_dataset(ds: Dataset, path: str, series: SeriesFeatures 
     )
 
 
-def iter_files(root: str | os.PathLike[str]) -> Iterable[Path]:
-    """Every regular file under root, in a stable order (no extension filter: GE files have none)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.is_file():
-                yield p
-
-
 def scan_directory(root: str | os.PathLike[str]) -> list[SeriesFeatures]:
     """Read every DICOM file under root and return one SeriesFeatures per SeriesInstanceUID.
 
     Grouping is by SeriesInstanceUID only: SeriesNumber and SeriesDescription are not unique
     (a Siemens ASL map and its secondary capture share both).
     """
-    headers = [h for h in (read_instance_features(p) for p in iter_files(root)) if h is not None]
+    headers = [h for h in (read_instance_features(p) for p in files_under(root)) if h is not None]
     return group_series(headers)
 
 
@@ -651,20 +642,14 @@ def _classic_or_enhanced(ds: Dataset, keyword: str, sequence: str, group_keyword
 
 
 def _fg(ds: Dataset, sequence: str, keyword: str | None) -> Any:
-    """Look an attribute up in the shared, then the first per-frame functional group.
-
-    With keyword None, return the macro sequence itself (e.g. ContrastBolusUsageSequence).
-    """
-    for groups_kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        group = _first(ds.get(groups_kw))
-        if group is None or sequence not in group:
-            continue
-        if keyword is None:
-            return group.get(sequence)
-        item = _first(group.get(sequence))
-        if item is not None and keyword in item:
-            return item.get(keyword)
-    return None
+    """Attribute ``keyword`` of functional group macro ``sequence`` of the first frame (see
+    :func:`pipeline.io.functional_group`); with keyword None, the macro sequence itself (e.g.
+    ContrastBolusUsageSequence)."""
+    macro = functional_group(ds, sequence)
+    if keyword is None:
+        return macro
+    item = _first(macro)
+    return item.get(keyword) if item is not None and keyword in item else None
 
 
 def _first(seq: Any) -> Dataset | None:

@@ -45,7 +45,7 @@ class NoDatasetDumpFilter(logging.Filter):
             return True
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is dropped, never raised from logging
+        except Exception:
             return False
         return not any(p.search(message) for p in _DUMP_PATTERNS)
 
@@ -94,7 +94,7 @@ class _CurrentStderrHandler(logging.StreamHandler):
     """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was at set-up: a command run
     in-process (tests, typer's runner) swaps stderr and closes its stand-in afterwards."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -121,7 +121,7 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
         if getattr(h, "_dicom_node", False):
             root.removeHandler(h)
             h.close()
-    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     # The same filters on the handler cover loggers created after this call.
     handler.addFilter(_PYNETDICOM_FILTER)

@@ -2,8 +2,9 @@
 
 Counters and the stage histogram live in the receiving node's process, which serves the web app; the
 stages feed them through the one-line hooks below. Worker processes (``dicom_node/worker.py``) forward
-each hook call to it (:func:`forward_to`, :func:`apply`). Case counts by state are read from the database at scrape time, so they are right whichever
-process changed them (``dicom-node reprocess`` from a shell, a second node on PostgreSQL).
+each hook call to it (:func:`forward_to`, :func:`apply`). Case counts by state are read from the database at
+scrape time, so they are right whichever process changed them (``dicom-node reprocess`` from a shell, a second
+node on PostgreSQL).
 
 The metric objects are not registered in prometheus_client's global registry: :func:`registry` builds a
 fresh one per web app, so tests can make as many apps as they like. Labels carry stage names, states and

@@ -121,7 +121,7 @@ class Processor:
             metrics.case_failed(permanent=True)
             log.error("case %d (study %s version %d) failed: %s", case.id, case.study_uid, case.version, exc)
             return
-        except Exception as exc:  # noqa: BLE001 (a bug or resource problem: retried, up to max_attempts)
+        except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             state = fail(self.db, case.id, self.owner, error, max_attempts=cfg.queue.max_attempts, permanent=False)
             metrics.case_failed(permanent=False)

@@ -29,6 +29,7 @@ from dicom_node.db import (
     Delivery,
     Study,
     retry_transient,
+    rows_changed,
 )
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,12 @@ def _claim(db: Database, owner: str, lease_seconds: float, now: float | None) ->
                             ).scalar_one_or_none()
             if row is None:
                 return None
-            won = s.execute(update(Case).where(Case.id == row, Case.state == QUEUED).values(
+            won = rows_changed(s, update(Case).where(Case.id == row, Case.state == QUEUED).values(
                 state=RUNNING, lease_owner=owner, lease_expires_at=now + lease_seconds,
-                attempts=Case.attempts + 1, started_at=now, updated_at=now)).rowcount
+                attempts=Case.attempts + 1, started_at=now, updated_at=now))
             if not won:
                 continue
-            case = s.get(Case, row)
+            case = s.get_one(Case, row)
             study_uid = s.execute(select(Study.study_uid).where(Study.id == case.study_id)).scalar_one()
             return ClaimedCase(case.id, study_uid, case.version, case.attempts, json.loads(case.inputs))
     return None
@@ -74,9 +75,9 @@ def renew(db: Database, case_id: int, owner: str, lease_seconds: float) -> bool:
     def txn() -> bool:
         now = time.time()
         with db.session() as s:
-            return bool(s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING,
-                                                     Case.lease_owner == owner)
-                                  .values(lease_expires_at=now + lease_seconds, updated_at=now)).rowcount)
+            return bool(rows_changed(s, update(Case)
+                                     .where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
+                                     .values(lease_expires_at=now + lease_seconds, updated_at=now)))
 
     return retry_transient(txn, f"lease renewal of case {case_id}")
 
@@ -87,10 +88,10 @@ def complete(db: Database, case_id: int, owner: str, result_dir: str, summary: d
     def txn() -> bool:
         now = time.time()
         with db.session() as s:
-            won = s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
-                            .values(state=DONE, result_dir=result_dir, summary=json.dumps(summary), reason="",
-                                    finished_at=now, updated_at=now, lease_owner=None,
-                                    lease_expires_at=None)).rowcount
+            won = rows_changed(s, update(Case)
+                               .where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
+                               .values(state=DONE, result_dir=result_dir, summary=json.dumps(summary), reason="",
+                                       finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None))
             if not won:
                 return False
             for name in destinations:
@@ -125,10 +126,10 @@ def release(db: Database, case_id: int, owner: str, why: str) -> bool:
     def txn() -> bool:
         now = time.time()
         with db.session() as s:
-            return bool(s.execute(update(Case).where(Case.id == case_id, Case.state == RUNNING,
-                                                     Case.lease_owner == owner)
-                                  .values(state=QUEUED, attempts=Case.attempts - 1, reason=why, lease_owner=None,
-                                          lease_expires_at=None, started_at=None, updated_at=now)).rowcount)
+            return bool(rows_changed(s, update(Case)
+                                     .where(Case.id == case_id, Case.state == RUNNING, Case.lease_owner == owner)
+                                     .values(state=QUEUED, attempts=Case.attempts - 1, reason=why, lease_owner=None,
+                                             lease_expires_at=None, started_at=None, updated_at=now)))
 
     return retry_transient(txn, f"release of case {case_id}")
 

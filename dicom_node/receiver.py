@@ -216,7 +216,7 @@ class _PolicyAE(AE):
 
     _caller_allowed: Callable[[str, str], bool] | None = None
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         thread = threading.current_thread()
         check = self._caller_allowed
@@ -274,7 +274,7 @@ def _uid_str(value: Any) -> str:
 def _sop_class_name(uid: str) -> str:
     try:
         name = UID(uid).name
-    except Exception:  # noqa: BLE001 - a name is only decoration
+    except Exception:
         name = ""
     return name if name and name != uid else uid
 
@@ -339,7 +339,7 @@ def _count(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
         number = int(value) if value is not None and value != "" else None
-    except Exception:  # noqa: BLE001 - any unreadable value is "unknown" here
+    except Exception:
         return None
     return number if number is not None and number >= 0 else None
 
@@ -365,7 +365,7 @@ def content_problem(header: EncodedHeader, transfer_syntax: str, routable: bool)
     differs from Rows x Columns x frames x samples x BitsAllocated.
     """
     ds = header.dataset
-    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset would convert every value
+    for tag in ds.keys():
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement):
             continue  # sequences are parsed eagerly: a truncated one fails the read itself
@@ -424,7 +424,7 @@ def file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, source_a
 class Receiver:
     """The node's Storage SCP (see the module docstring)."""
 
-    def __init__(self, config: NodeConfig, on_instance: Callable[[ReceivedInstance], None], *,
+    def __init__(self, config: NodeConfig, on_instance: Callable[[ReceivedInstance], object], *,
                  free_space: Callable[[Path], float] = free_gb) -> None:
         """``free_space``: GB free on the filesystem of a path (tests inject a low disk)."""
         self._config = config
@@ -480,10 +480,10 @@ class Receiver:
 
         syntaxes = transfer_syntaxes()
         ae.add_supported_context(Verification, syntaxes)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        for uid in (cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax):
+            ae.add_supported_context(uid, syntaxes)
 
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -602,8 +602,10 @@ class Receiver:
             sock.do_handshake()
             sock.settimeout(None)
         except (OSError, ValueError) as exc:
-            log.warning("refused TLS connection from %s: %s", event.address[0], exc)
-            transport.close()
+            # EVT_CONN_OPEN events carry the peer's (host, port) as ``address``
+            log.warning("refused TLS connection from %s: %s", getattr(event, "address", ("?",))[0], exc)
+            if transport is not None:
+                transport.close()
             # No A-ASSOCIATE-RQ can come now: end the association at once instead of after the ACSE timeout.
             assoc.acse_timeout = 0.01
 
@@ -682,7 +684,7 @@ class Receiver:
             ds_sop_uid = _uid_str(ds.get("SOPInstanceUID"))
             study_uid = _uid_str(ds.get("StudyInstanceUID"))
             series_uid = _uid_str(ds.get("SeriesInstanceUID"))
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
+        except Exception as exc:
             raise _Refusal(STATUS_CANNOT_PARSE, f"cannot parse dataset ({type(exc).__name__})") from None
         if ds_sop_class != sop_class:
             raise _Refusal(STATUS_DATASET_MISMATCH, "SOPClassUID differs from the request")
@@ -755,14 +757,14 @@ class Receiver:
             log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid, cause)
         except ValueError as exc:
             log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid, exc)
-        except Exception as exc:  # noqa: BLE001 - features are optional; the instance is stored
+        except Exception as exc:
             log.info("SOP instance %s stored, but its header has no usable features (%s)", sop_uid,
                      type(exc).__name__)
         return None
 
     def _quarantine(self, event: evt.Event, status: int, comment: str) -> str:
         """Keep a refused instance's bytes with the reason; returns " (kept in quarantine/...)" for the log."""
-        request = event.request
+        request: Any = event.request  # a C-STORE request (this is the C-STORE handler's)
         stream = request.DataSet.getvalue()
         if not stream:
             return ""
@@ -786,7 +788,7 @@ class Receiver:
     def _patient_of(self, ds: Dataset) -> bytes | None:
         try:
             patient_id = str(ds.get("PatientID", "") or "").strip(" \x00")
-        except Exception:  # noqa: BLE001 - an unreadable PatientID cannot be compared
+        except Exception:
             return None
         if not patient_id:
             return None
@@ -797,7 +799,7 @@ class Receiver:
         for path in StorageLayout(self._root).study_incoming(study_uid).glob("*/*.dcm"):
             try:
                 return self._patient_of(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]))
-            except Exception as exc:  # noqa: BLE001 - an unreadable file says nothing about the patient
+            except Exception as exc:
                 log.debug("study %s: %s unreadable (%s)", study_uid, path.name, type(exc).__name__)
         return None
 

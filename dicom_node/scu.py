@@ -72,12 +72,14 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
+from dicom_node.config import check_ae_title
+from pipeline.io import files_under
+
 LOG = logging.getLogger("dicom_node.scu")
 
 MAX_CONTEXTS = 128  # presentation contexts per association (the DICOM limit is 128 odd IDs)
 NOT_SENT = -1  # FileResult.status of a file that never went on the wire (unreadable, no context)
 
-_AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash
 _UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -85,10 +87,10 @@ _UNCOMPRESSED_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 def _check_ae_title(value: str, what: str) -> str:
-    title = value.strip()
-    if not title or not _AE_TITLE.fullmatch(value):
-        raise ValueError(f"{what}: expected an AE title of 1-16 printable ASCII characters, no backslash, got {value!r}")
-    return title
+    try:
+        return check_ae_title(value)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ def iter_dicom_files(path: Path) -> DicomFiles:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    candidates = files_under(path)
     found = DicomFiles(p for p in candidates if _is_dicom_part10(p))
     found.skipped = len(candidates) - len(found)
     if found.skipped:
@@ -293,7 +295,7 @@ def _read_header(path: Path) -> _Header:
     """SOP class, instance and transfer syntax from the File Meta Information (no pixel data read)."""
     try:
         meta = read_file_meta_info(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a per-file failure
+    except Exception as exc:
         return _Header(path, None, "", None, f"unreadable File Meta Information: {type(exc).__name__}")
     sop_class = meta.get("MediaStorageSOPClassUID")
     sop_instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
@@ -323,7 +325,7 @@ def _plan_contexts(headers: Sequence[_Header]) -> list[PresentationContext]:
     if len(contexts) > MAX_CONTEXTS:
         return contexts  # the caller refuses; no point in adding fallbacks
     for sop in fallback:
-        extra = [ts for ts in _UNCOMPRESSED_LE if (sop, ts) not in exact]
+        extra: list[str | UID] = [ts for ts in _UNCOMPRESSED_LE if (sop, ts) not in exact]
         if extra and len(contexts) < MAX_CONTEXTS:
             contexts.append(build_context(sop, extra))
     return contexts
@@ -433,10 +435,10 @@ def _association_failure(assoc: Association, peer: Peer, connected: bool, second
             transient=transient,
         )
     if rsp is not None and rsp.result == 0x00 and not assoc.accepted_contexts:
-        rejected = sorted({str(UID(cx.abstract_syntax).name) for cx in assoc.rejected_contexts})
+        refused = sorted({str(UID(cx.abstract_syntax or "").name) for cx in assoc.rejected_contexts})
         return SendError(
             f"{peer}: the peer accepted no presentation context (SOP class / transfer syntax) of "
-            f"{', '.join(rejected) or 'ours'}",
+            f"{', '.join(refused) or 'ours'}",
             transient=False,
         )
     if not connected:
@@ -520,7 +522,7 @@ def _release(assoc: Association) -> None:
     if assoc.is_established:
         try:
             assoc.release()
-        except Exception:  # noqa: BLE001 - the work is done; a failed release changes nothing
+        except Exception:
             assoc.abort()
 
 

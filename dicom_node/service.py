@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 import time
-
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -34,6 +33,7 @@ from dicom_node.rules import load_rules
 from dicom_node.worker import WorkerSupervisor
 
 if TYPE_CHECKING:
+    from dicom_node.web import WebServer
     from pipeline.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Node:
         self._scheduler: BackgroundScheduler | None = None
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self.web = None  # dicom_node.web.WebServer when web.enabled
+        self.web: WebServer | None = None  # when web.enabled
         self.started = time.time()
 
     def start(self) -> None:
@@ -82,8 +82,8 @@ class Node:
             self.processor = Processor(db, cfg)
         if self.receive:
             reindex_missing(db, cfg.storage.root)
-            self.receiver = Receiver(cfg, Index(db).record)
-            self.receiver.start()
+            self.receiver = receiver = Receiver(cfg, Index(db).record)
+            receiver.start()
         every = cfg.queue.poll_seconds
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                             "misfire_grace_time": None})
@@ -106,20 +106,28 @@ class Node:
         if cfg.web.enabled:
             self._start_web()
         log.info("node %s listening on %s:%d (pid %d), ready in %.1f s; storage %s", cfg.node.ae_title,
-                 cfg.node.bind_address, self.receiver.port, os.getpid(), time.perf_counter() - t, cfg.storage.root)
+                 cfg.node.bind_address, receiver.port, os.getpid(), time.perf_counter() - t, cfg.storage.root)
 
     def _start_web(self) -> None:
         from dicom_node.web import WebServer, create_app
 
         web = self.config.web
-        app = create_app(self.config, self.db, rules=self.rules, model_info=self.model_info, started=self.started)
-        self.web = WebServer(app, web.host, web.port)
-        self.web.start()
+        app = create_app(self.config, self.database, rules=self.rules, model_info=self.model_info,
+                         started=self.started)
+        self.web = server = WebServer(app, web.host, web.port)
+        server.start()
         log.info("dashboard and API on http://%s:%d/ (%s)", web.host, web.port,
                  "token required" if web.token else "no token")
         if web.token is None and not _loopback(web.host):
             log.warning("web.host %s is not a loopback address and web.token is not set: anyone who reaches "
                         "this port can reprocess and resend studies; set web.token", web.host)
+
+    @property
+    def database(self) -> Database:
+        """The node's database, open from :meth:`start` on."""
+        if self.db is None:
+            raise RuntimeError("the node has not been started")
+        return self.db
 
     def model_info(self) -> dict | None:
         """The model for the dashboard's health (None before it is loaded)."""
@@ -131,23 +139,23 @@ class Node:
 
     def _worker_died(self, pid: int) -> None:
         # its case goes back to the queue now (the attempt counts), not when its lease expires
-        recover_orphans(self.db, socket.gethostname(), self.config.queue.max_attempts, found="after its worker died")
+        recover_orphans(self.database, socket.gethostname(), self.config.queue.max_attempts, found="after its worker died")
 
     def _route(self) -> None:
         try:
-            route_complete_studies(self.db, self.config.completion, self.rules)
+            route_complete_studies(self.database, self.config.completion, self.rules)
         except Exception:
             log.exception("completion check failed; retrying on the next pass")
 
     def _dispatch(self) -> None:
         try:
-            dispatch_due(self.db, self.config)
+            dispatch_due(self.database, self.config)
         except Exception:
             log.exception("dispatch pass failed; retrying on the next pass")
 
     def _recover(self) -> None:
         try:
-            recover_expired(self.db, self.config.queue.max_attempts)
+            recover_expired(self.database, self.config.queue.max_attempts)
         except Exception:
             log.exception("lease recovery failed; retrying on the next pass")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def case_dict(case: Case, deliveries: list[Delivery]) -> dict[str, Any]:
+def case_dict(case: Case, deliveries: Sequence[Delivery]) -> dict[str, Any]:
     assignment = json.loads(case.assignment or "{}")
     summary = json.loads(case.summary) if case.summary else None
     return {

@@ -7,6 +7,7 @@ to fix without a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +52,7 @@ def load_yaml_model(path: Path, model: type[M], *, what: str, reference: str, er
         raise error(f"{path}: {describe_error(errors[0], reference)}{more}") from None
 
 
-def describe_error(err: dict[str, Any], reference: str) -> str:
+def describe_error(err: Mapping[str, Any], reference: str) -> str:
     """One pydantic error as ``key: expected X, got Y``."""
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":

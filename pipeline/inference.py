@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from pipeline.model import ILDDeepLabV3
 from pipeline.preprocess import PreparedStudy, probability_to_reference
 
 __all__ = ["InferenceResult", "ProgressCallback", "predict_probability", "resolve_device", "run_inference"]
@@ -60,7 +61,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _present_mask(model: torch.nn.Module, prepared: PreparedStudy) -> tuple[tuple[str, ...], list[bool]]:
+def _present_mask(model: ILDDeepLabV3, prepared: PreparedStudy) -> tuple[tuple[str, ...], list[bool]]:
     roles = tuple(model.config.roles)
     if tuple(prepared.roles) != roles:
         raise ValueError(f"the study was prepared for roles {list(prepared.roles)}, the model takes {list(roles)}")
@@ -78,7 +79,7 @@ def _present_mask(model: torch.nn.Module, prepared: PreparedStudy) -> tuple[tupl
 
 
 def predict_probability(
-    model: torch.nn.Module, prepared: PreparedStudy, *, batch_size: int = 8, device: str | torch.device = "auto",
+    model: ILDDeepLabV3, prepared: PreparedStudy, *, batch_size: int = 8, device: str | torch.device = "auto",
     threads: int | None = None, progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """Sigmoid probability (float32, (slice, row, column)) on ``prepared.grid``; see the module doc."""
@@ -113,7 +114,7 @@ def predict_probability(
 
 
 def run_inference(
-    model: torch.nn.Module, prepared: PreparedStudy, reference: sitk.Image, *, batch_size: int = 8,
+    model: ILDDeepLabV3, prepared: PreparedStudy, reference: sitk.Image, *, batch_size: int = 8,
     device: str | torch.device = "auto", threads: int | None = None, progress: ProgressCallback | None = None,
 ) -> InferenceResult:
     """:func:`predict_probability`, then the map resampled onto ``reference``'s own grid."""

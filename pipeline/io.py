@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -45,6 +46,8 @@ __all__ = [
     "SeriesLoadError",
     "SingleSliceError",
     "SourceRef",
+    "files_under",
+    "functional_group",
     "group_files",
     "load_series",
     "load_series_dir",
@@ -150,15 +153,25 @@ def _is_multiframe(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
-def _frame_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
-    """First item of functional group ``keyword`` for 0-based ``frame``: per-frame first, then shared."""
+def functional_group(ds: Dataset, keyword: str, frame: int = 0) -> Any:
+    """Functional group macro ``keyword`` (e.g. ``"PlanePositionSequence"``, a sequence) of 0-based ``frame`` of
+    an enhanced (multi-frame) instance: the frame's Per-Frame Functional Groups item, else the Shared one (a
+    macro belongs in one of them, PS3.3 C.7.6.16); None when neither has it. The one lookup of the project."""
     for seq_kw, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         groups = ds.get(seq_kw)
-        if groups is not None and len(groups) > index:
-            seq = groups[index].get(keyword)
-            if seq:
-                return seq[0]
+        try:
+            macro = groups[index].get(keyword) if groups is not None and len(groups) > index else None
+        except (TypeError, AttributeError):  # a malformed file: not a sequence of items
+            macro = None
+        if macro:
+            return macro
     return None
+
+
+def _frame_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
+    """First item of functional group ``keyword`` for 0-based ``frame``."""
+    macro = functional_group(ds, keyword, frame)
+    return macro[0] if macro else None
 
 
 def _rescale(ds: Dataset, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,7 +234,9 @@ def _read(path: Path, *, headers_only: bool) -> Dataset | None:
         return None
 
 
-def _files_under(root: Path) -> list[Path]:
+def files_under(root: str | PathLike[str]) -> list[Path]:
+    """``root`` itself when it is a file, else every regular file under it (recursive), sorted by path: the one
+    folder walk of the project (no extension filter: GE files have none)."""
     root = Path(root)
     if root.is_file():
         return [root]
@@ -235,7 +250,7 @@ def group_files(root: str | PathLike[str]) -> dict[str, list[Path]]:
     (e.g. DICOMDIR), are skipped with a DEBUG log. Files within a group are in path order.
     """
     groups: dict[str, list[Path]] = defaultdict(list)
-    for path in _files_under(Path(root)):
+    for path in files_under(Path(root)):
         ds = _read(path, headers_only=True)
         if ds is None:
             continue
@@ -262,11 +277,11 @@ class _Slice:
     cols: int
 
 
-def _floats(value: object, n: int) -> np.ndarray | None:
+def _floats(value: Any, n: int) -> np.ndarray | None:
     if value is None:
         return None
     try:
-        out = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+        out = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         return None
     return out if out.size == n and np.all(np.isfinite(out)) else None
@@ -451,7 +466,7 @@ def load_series(paths: Iterable[str | PathLike[str]]) -> LoadedSeries:
 
 def load_series_dir(path: str | PathLike[str]) -> LoadedSeries:
     """Load the one series stored under ``path`` (recursive; non-DICOM files skipped with a DEBUG log)."""
-    datasets = [ds for f in _files_under(Path(path)) if (ds := _read(f, headers_only=False)) is not None]
+    datasets = [ds for f in files_under(Path(path)) if (ds := _read(f, headers_only=False)) is not None]
     if not datasets:
         raise SeriesLoadError(f"no DICOM files under the folder {Path(path).name!r}")
     return _build(datasets)

@@ -168,16 +168,16 @@ def in_plane_diameters(mask: np.ndarray, spacing_mm: tuple[float, float]) -> InP
             best, best_pair = key, (points[i], points[j])
     assert best is not None
     length, _, minus_z = best
-    z = -minus_z
+    best_z = -minus_z
     a, b = best_pair
-    short = _short_axis(np.argwhere(mask[z]) * scale, a, b, float(scale.min())) if length > 0 else None
+    short = _short_axis(np.argwhere(mask[best_z]) * scale, a, b, float(scale.min())) if length > 0 else None
 
     def index(point_mm: np.ndarray) -> tuple[float, float]:
         row, col = point_mm / scale
         return float(row), float(col)
 
     return InPlaneDiameter(
-        slice_index=int(z),
+        slice_index=best_z,
         long_axis_mm=length,
         long_axis=(index(a), index(b)),
         short_axis_mm=short[0] if short else 0.0,

@@ -241,7 +241,8 @@ class InputLevelDropout(nn.Module):
             present = torch.ones(b, self.n_roles, dtype=torch.bool, device=x.device)
         else:
             if present.dtype != torch.bool or tuple(present.shape) != (b, self.n_roles):
-                raise ValueError(f"present must be a bool tensor of shape ({b}, {self.n_roles}), got {present.dtype} {tuple(present.shape)}")
+                raise ValueError(f"present must be a bool tensor of shape ({b}, {self.n_roles}), "
+                                 f"got {present.dtype} {tuple(present.shape)}")
             present = present.to(x.device)
         keep = self.keep_mask(present, generator)
         scale = self.n_roles / keep.sum(dim=1).to(x.dtype)  # 1 / (1 - p)
@@ -321,7 +322,7 @@ class ILDDeepLabV3(nn.Module):
         self._init_weights()
         # channels-last (NHWC) runs the convolutions ~1.5-2x faster on CPU (oneDNN; the 20-channel 7x7
         # stem is ~2.5x faster) and is the preferred layout for GPU mixed precision too
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
 
     def _init_weights(self) -> None:
         for m in self.modules():

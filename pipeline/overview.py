@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from pipeline.preprocess import model_grid, resample_to_grid
 
 if TYPE_CHECKING:
+    from pipeline.lesions import Lesion
     from pipeline.result import StudyResult
 
 __all__ = ["MAX_PANELS", "write_overview"]
@@ -46,12 +47,12 @@ def write_overview(result: StudyResult, path: str | PathLike[str]) -> Path:
     labels = sitk.GetArrayFromImage(sitk.Resample(result.lesions.labels, grid, sitk.Transform(3, sitk.sitkIdentity),
                                                   sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16))
     lesions = result.lesions.lesions[:MAX_PANELS]
+    panels: list[tuple[int, Lesion | None]] = []
     if lesions:
-        panels = []
-        for les in lesions:
-            area = (labels == les.number).sum(axis=(1, 2))
-            k = int(np.argmax(area)) if area.max() > 0 else _nearest_slice(grid, les.centroid_lps_mm)
-            panels.append((k, les))
+        for lesion in lesions:
+            area = (labels == lesion.number).sum(axis=(1, 2))
+            k = int(np.argmax(area)) if area.max() > 0 else _nearest_slice(grid, lesion.centroid_lps_mm)
+            panels.append((k, lesion))
     else:
         n = ref.shape[0]
         panels = [(int(n * f), None) for f in (0.25, 0.5, 0.75)]

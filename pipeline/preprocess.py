@@ -205,6 +205,10 @@ class PreparedStudy:
     def present(self) -> tuple[str, ...]:
         return tuple(r for r in self.roles if self.volumes.get(r) is not None)
 
+    def present_volumes(self) -> dict[str, F32]:
+        """The volumes of the roles present, by role (in :attr:`roles` order)."""
+        return {r: v for r in self.roles if (v := self.volumes.get(r)) is not None}
+
     def stack(self, indices: Sequence[int] | range | None = None) -> F32:
         """The 2.5D input for centre slices ``indices`` (a batch), see ``stack_25d``."""
         return stack_25d(self.volumes, self.roles, self.slices_per_role, indices)

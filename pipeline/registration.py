@@ -16,8 +16,9 @@ Conventions
   same (fixed-seed) sampling, so they are comparable.
 * Images finer than ``working_spacing_mm`` (default 2 mm) are bin-averaged first: a rigid MI fit is accurate
   well below the voxel size, and 0.5-1 mm reconstructions cost 8-64x the voxels (head mask, metric evaluations,
-  pyramid) for nothing a rigid fit needs. Metric evaluations "at full resolution" are on this working grid. A series much thicker-sliced than the reference (2D FLAIR, 5 mm) is
-  registered the other way round (its own voxels are the metric's samples, the reference is interpolated) and
+  pyramid) for nothing a rigid fit needs. Metric evaluations "at full resolution" are on this working grid. A
+  series much thicker-sliced than the reference (2D FLAIR, 5 mm) is registered the other way round (its own
+  voxels are the metric's samples, the reference is interpolated) and
   the result inverted: interpolating across 5 mm slice gaps made the optimizer diverge on realistic phantoms.
   In that case the metric values are those of the swapped pair.
 

@@ -117,7 +117,7 @@ class NodeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> NodeProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+        log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([*DICOM_NODE, "serve", "--config", str(self.config)], stdout=log,
                                      stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -170,7 +170,7 @@ class NodeProcess:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; status: {self.study(study_uid)}\nlog:\n{self.log()[-4000:]}") from None
 
-    def __enter__(self) -> NodeProcess:  # noqa: PYI034
+    def __enter__(self) -> NodeProcess:
         return self.start()
 
     def __exit__(self, *_: object) -> None:

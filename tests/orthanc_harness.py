@@ -115,7 +115,7 @@ class OrthancProcess:
     def start(self, timeout: float = 30) -> OrthancProcess:
         if ORTHANC is None:
             raise AssertionError("Orthanc is not installed (Debian package orthanc; `make debian-tools`)")
-        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+        log = open(self.log_path, "ab")  # kept open for the child's lifetime
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                      cwd=self.config.parent, env=DCMTK_ENV)
         log.close()
@@ -176,7 +176,7 @@ class OrthancProcess:
         r.raise_for_status()
         return r.content
 
-    def __enter__(self) -> OrthancProcess:  # noqa: PYI034
+    def __enter__(self) -> OrthancProcess:
         return self.start()
 
     def __exit__(self, *_: object) -> None:

@@ -103,7 +103,8 @@ def test_port_in_use_is_reported_with_the_key(tmp_path: Path) -> None:
         port = listener.getsockname()[1]
         path = write(tmp_path, f"node: {{port: {port}, bind_address: 127.0.0.1}}\nweb: {{port: 1}}\n")
         config = load_config(path)
-        with pytest.raises(ConfigError, match=rf"node\.port: expected a free TCP port, but 127\.0\.0\.1:{port} is already in use"):
+        expected = rf"node\.port: expected a free TCP port, but 127\.0\.0\.1:{port} is already in use"
+        with pytest.raises(ConfigError, match=expected):
             check_ports_free(config, path)
 
 

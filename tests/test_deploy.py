@@ -22,8 +22,8 @@ from orthanc_harness import ORTHANC, load_orthanc_config
 
 from dicom_node import __version__
 from dicom_node.config import NodeConfig, load_config
-from dicom_node.paths import DEFAULT_RULES, PROJECT_ROOT
 from dicom_node.headers import scan_directory
+from dicom_node.paths import DEFAULT_RULES, PROJECT_ROOT
 from dicom_node.rules import RuleSet, assign_roles, assign_studies, load_rules
 from training.phantom import Vendor, generate_study
 from training.phantom.dicom_writer import plan_study, write_dicom_study

@@ -278,7 +278,7 @@ def test_headers_carry_the_vendor_conventions(tmp_path: Path) -> None:
         bravo, dwi, adc, loc = (headers[k] for k in (SeriesKind.T1_BRAVO_POST, SeriesKind.DWI, SeriesKind.ADC,
                                                      SeriesKind.LOCALIZER))
         assert list(adc.ImageType)[:4] == ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]
-        assert list(headers[SeriesKind.MPR].ImageType)[0] == "DERIVED"
+        assert headers[SeriesKind.MPR].ImageType[0] == "DERIVED"
         assert "MPR" in list(headers[SeriesKind.MPR].ImageType)
         if vendor is Vendor.GE:
             assert bravo[0x0019, 0x0010].value == "GEMS_ACQU_01" and bravo[0x0019, 0x109C].value == "efgre3d"

@@ -122,7 +122,7 @@ def test_batch_norm_after_every_convolution_but_the_logit_layer():
     assert model.classifier.out_channels == 1 and model.classifier.bias is not None
     # each BN directly normalises the output channels of a conv (matching widths, in module order)
     seq = [m for m in mods if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
-    for a, b in zip(seq, seq[1:]):
+    for a, b in itertools.pairwise(seq):
         if isinstance(b, torch.nn.BatchNorm2d):
             assert isinstance(a, torch.nn.Conv2d) and a.out_channels == b.num_features
 

@@ -140,7 +140,9 @@ def test_resample_applies_the_registration_transform() -> None:
     plain = resample_to_grid(moving, grid, None, sitk.sitkNearestNeighbor)
     shifted = resample_to_grid(moving, grid, tx, sitk.sitkNearestNeighbor)
     assert plain.sum() == shifted.sum() == 64
-    com = lambda v: np.array(np.nonzero(v)).mean(axis=1)
+    def com(v: np.ndarray) -> np.ndarray:
+        return np.array(np.nonzero(v)).mean(axis=1)
+
     assert np.allclose(com(plain) - com(shifted), (0.0, 0.0, 5.0))  # 10 mm = 5 columns towards -x
 
 

@@ -215,7 +215,7 @@ def test_valid_uid() -> None:
 
 def test_instance_path_checks_every_uid(tmp_path: Path) -> None:
     assert instance_path(tmp_path, "1.2", "1.3", "1.4") == tmp_path / "incoming" / "1.2" / "1.3" / "1.4.dcm"
-    with pytest.raises(UIDError, match="SeriesInstanceUID '1.2/../x'"):
+    with pytest.raises(UIDError, match=re.escape("SeriesInstanceUID '1.2/../x'")):
         instance_path(tmp_path, "1.2", "1.2/../x", "1.4")
     with pytest.raises(UIDError, match=r"SOPInstanceUID '1111+\.\.\.$"):  # a long value is truncated
         instance_path(tmp_path, "1.2", "1.3", "1" * 200)

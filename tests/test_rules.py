@@ -1052,7 +1052,9 @@ def test_exam_level_protocol_is_ignored(rules: RuleSet) -> None:
 
 def test_score_orders_3d_original_slices_thickness(rules: RuleSet) -> None:
     preset = rules.families["t1_gre"].presets[0]
-    s = lambda **kw: score_series(_features(**kw), preset, rules)[0]
+    def s(**kw: object) -> float:
+        return score_series(_features(**kw), preset, rules)[0]
+
     assert s() > s(mr_acquisition_type="2D", n_slices=400, slice_thickness=0.5)
     assert s(n_slices=60) > s(image_type=("DERIVED", "SECONDARY"), n_slices=400, slice_thickness=0.5)
     assert s(n_slices=200) > s(n_slices=100)

@@ -250,7 +250,8 @@ def test_pdf_converts_to_png_and_page_one_is_the_summary(outputs, tmp_path):
                            capture_output=True, text=True).stdout
     assert "Summary (papers' layout)" in page1
     assert "AUC" in page1 and "Dice" in page1
-    assert f"{statistics.mean(HAND[c]['dice'] for c in 'abc'):.3f} +/- {statistics.stdev(HAND[c]['dice'] for c in 'abc'):.3f}" in page1
+    dice = [HAND[c]["dice"] for c in "abc"]
+    assert f"{statistics.mean(dice):.3f} +/- {statistics.stdev(dice):.3f}" in page1
     pages = subprocess.run(["pdfinfo", str(pdf)], check=True, timeout=60, capture_output=True, text=True).stdout
     assert int(next(ln.split()[-1] for ln in pages.splitlines() if ln.startswith("Pages:"))) >= 4
     assert not math.isnan(outputs["doc"]["models"]["model"]["combinations"]["as-acquired"]["roc"]["auc"])

@@ -37,8 +37,7 @@ from pipeline.inference import predict_probability
 from pipeline.model import ILDDeepLabV3, combination_key
 from pipeline.preprocess import NORMALISATION_NAME, NORMALISATION_VERSION
 from training.data.cache import CachedCase, GridSettings
-from training.metrics import (PatientMetrics, confusion, evaluate_patient, max_dice_threshold, summarise,
-                              youden_threshold)
+from training.metrics import PatientMetrics, confusion, evaluate_patient, max_dice_threshold, summarise, youden_threshold
 from training.metrics.operating import FROC_MAX_FP_PER_PATIENT, OperatingPoint, lesion_froc_point, sweep
 
 #: Voxel rules: (pooled brain-mask scores, labels) -> (threshold, sensitivity, specificity).

@@ -21,8 +21,8 @@ import numpy as np
 from pipeline.checkpoint import CheckpointMeta, load_checkpoint
 from pipeline.model import ILDDeepLabV3, combination_key
 from training.calibrate import choose_threshold, evaluate_cases, full_role_maps, model_combinations
-from training.data.cache import CachedCase
 from training.config import TrainConfig
+from training.data.cache import CachedCase
 from training.formatting import fixed, mean_sd
 from training.metrics import PatientMetrics, count_group, evaluate_patient, summarise
 from training.splits import read_splits

@@ -259,8 +259,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
                     x = torch.from_numpy(b.x).to(device, non_blocking=True)
                     y = torch.from_numpy(b.y).to(device, non_blocking=True)
                     present = torch.from_numpy(b.present).to(device)
-                    sync = m == rcp.accumulation - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
-                    ctx = net.no_sync() if not sync else contextlib.nullcontext()
+                    # gradients are all-reduced across processes on the last micro-batch only
+                    last = m == rcp.accumulation - 1
+                    ctx = (net.no_sync() if isinstance(net, torch.nn.parallel.DistributedDataParallel) and not last
+                           else contextlib.nullcontext())
                     with ctx, torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                         loss = segmentation_loss(net(x, present), y, positive_weight=rcp.positive_weight,
                                                  dice_weight=rcp.dice_weight) / rcp.accumulation

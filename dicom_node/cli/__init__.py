@@ -12,6 +12,7 @@ import typer
 from dicom_node import __version__
 from dicom_node.cli.demo import HELP as DEMO_HELP
 from dicom_node.cli.demo import demo
+from dicom_node.cli.exits import EXIT_USAGE, fail
 from dicom_node.cli.network import echo, send
 from dicom_node.cli.node import (
     ConfigOption,
@@ -27,7 +28,6 @@ from dicom_node.cli.rules import app as rules_app
 from dicom_node.cli.segment import segment
 from dicom_node.cli.train import calibrate, model_card, train
 from dicom_node.cli.validate import validate
-from dicom_node.cli.exits import EXIT_USAGE, fail
 from dicom_node.config import ConfigError, check_files, to_yaml
 
 app = typer.Typer(
@@ -59,7 +59,8 @@ app.command("purge", help="Retention: delete studies (files, results, index) old
 app.command("echo", short_help="Test a DICOM destination with a C-ECHO (is it up, does it accept our AE title).")(echo)
 app.command("send", short_help="Send DICOM files to a peer with C-STORE, as stored (tests, the demo, a PACS by hand).")(send)
 app.command("segment", help="Segment brain metastases in one study folder: seg.dcm, sr.dcm, summary.json, overview.png.")(segment)
-app.command("demo", help=DEMO_HELP, short_help="End-to-end demo: two synthetic studies through the node on its defaults (make demo).")(demo)
+app.command("demo", help=DEMO_HELP,
+            short_help="End-to-end demo: two synthetic studies through the node on its defaults (make demo).")(demo)
 
 
 

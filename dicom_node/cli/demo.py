@@ -31,14 +31,13 @@ from dicom_node.cli.exits import EXIT_FAILED, EXIT_USAGE, fail
 from dicom_node.cli.node import ConfigOption, load_or_exit
 from dicom_node.config import port_problem
 from dicom_node.paths import PROJECT_ROOT
+from dicom_node.states import FINAL_STATES, PROCESSED_STATES, QUEUED
 
 DEFAULT_WORK = PROJECT_ROOT / "var" / "demo"
 # The code that runs this command, whatever an installed `dicom-node` script would import: `-c` puts the
 # working directory (the folder holding this copy of `dicom_node`, see _SOURCE) first on sys.path.
 _SOURCE = Path(__file__).resolve().parents[2]
 _DICOM_NODE = [sys.executable, "-c", "from dicom_node.cli import main; main()"]
-FINAL_STATES = ("done", "sent", "skipped", "failed")
-PROCESSED_STATES = ("done", "sent")
 STAGES = ("load", "register", "preprocess", "inference", "lesions", "dicom", "outputs")
 RESULT_FILES = ("seg.dcm", "sr.dcm", "summary.json", "overview.png")
 
@@ -321,7 +320,7 @@ def _wait(db: Any, node: _Node, studies: tuple[DemoStudy, ...], timeout: float, 
             if state != study.state:
                 study.state = state
                 extra = ""
-                if st and st["case"] and state == "queued":
+                if st and st["case"] and state == QUEUED:
                     extra = f" (complete: {st['case']['trigger'] or 'quiet period'})"
                 _say(f"  {time.monotonic() - t0:6.1f} s  {study.name}: {state}{extra}")
         if all(s.state in FINAL_STATES for s in studies):
@@ -351,7 +350,7 @@ def _report(study: DemoStudy, st: dict[str, Any], times: dict[str, float | None]
     result_dir = storage_root / case["result_dir"] if case.get("result_dir") else None
     summary_path = result_dir / "summary.json" if result_dir else None
     summary = json.loads(summary_path.read_text()) if summary_path and summary_path.is_file() else None
-    if summary is not None:
+    if summary is not None and result_dir is not None:
         lesions = summary["lesions"]
         _say(f"  lesions           {summary['lesion_count']} found ({summary['lesion_count_ge_10mm3']} >= 10 mm3), "
              f"total {summary['total_volume_mm3']:.0f} mm3; {len(study.truth_lesions)} planted "

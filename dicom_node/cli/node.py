@@ -81,7 +81,7 @@ def serve(
     except CheckpointError as exc:
         node.stop()
         raise fail(f"invalid model: {exc}", EXIT_FAILED) from None
-    except Exception as exc:  # noqa: BLE001 (any start-up failure: one line and exit 1, not a traceback)
+    except Exception as exc:
         node.stop()
         raise fail(f"the node could not start: {type(exc).__name__}: {exc}", EXIT_FAILED) from None
     stop.wait()

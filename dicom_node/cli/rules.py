@@ -70,7 +70,7 @@ def _as_json(rules: RuleSet, series: list[SeriesFeatures], studies: list[StudyAs
     out: list[dict[str, object]] = []
     for study in studies:
         d = study.to_dict()
-        for dec in d["decisions"]:  # type: ignore[union-attr]
+        for dec in d["decisions"]:
             n_instances, n_slices = counts[dec["series_instance_uid"]]
             dec["n_instances"] = n_instances
             dec["n_slices"] = n_slices

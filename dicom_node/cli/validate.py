@@ -56,11 +56,12 @@ def _cases(data: Path, kind: str, cache: Path, grid, progress: bool) -> list:  #
     from training.data.case import CaseError
     from training.trainer import load_cases
 
-    cfg = TrainConfig(data=DataSection(sources=[SourceEntry(kind=kind, path=data.resolve())], cache=cache.resolve()))
+    source = SourceEntry.model_validate({"kind": kind, "path": data.resolve()})  # kind: one of _KINDS, checked
+    cfg = TrainConfig(data=DataSection(sources=[source], cache=cache.resolve()))
     try:
         return list(load_cases(cfg, _assign_roles(cfg), progress=progress, grid=grid).values())
     except CaseError as exc:
-        if "no " in str(exc) and "case found" in str(exc) or "not a folder" in str(exc):
+        if ("no " in str(exc) and "case found" in str(exc)) or "not a folder" in str(exc):
             raise fail(str(exc), EXIT_USAGE) from None
         raise fail(str(exc)) from None
 

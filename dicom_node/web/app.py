@@ -124,7 +124,8 @@ class Dashboard:
         if scheme.lower() == "bearer" and given:
             return hmac.compare_digest(given.strip().encode(), self.token)
         cookie = request.cookies.get(COOKIE)
-        return cookie is not None and hmac.compare_digest(cookie.encode(), self.session.encode())
+        return cookie is not None and self.session is not None and hmac.compare_digest(cookie.encode(),
+                                                                                        self.session.encode())
 
     # ------------------------------------------------------------------ data
 
@@ -331,7 +332,7 @@ def create_app(config: NodeConfig, db: Database, *, rules: RuleSet | None = None
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        if dash.token is None:
+        if dash.token is None or dash.session is None:  # both set, or neither
             return RedirectResponse("/", status_code=303)
         # The form is urlencoded; parsed here rather than with request.form() (which needs python-multipart).
         body = (await request.body())[:4096].decode("utf-8", "replace")

@@ -124,7 +124,8 @@ def write_seg(
         instance_number=instance_number,
         manufacturer=algorithm.manufacturer,
         manufacturer_model_name=algorithm.model,
-        software_versions=algorithm.software_versions,
+        # highdicom annotates tuple[str] (one item) where it takes any multi-value
+        software_versions=algorithm.software_versions,  # type: ignore[arg-type]
         device_serial_number=algorithm.serial_number,
         content_label="METS",
         content_description=f"Brain metastases by {algorithm.name} ({common.RESEARCH_USE})"[:64],

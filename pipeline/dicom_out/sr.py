@@ -35,9 +35,8 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
-from highdicom.sr.templates import DEFAULT_LANGUAGE
+from highdicom.sr.templates import DEFAULT_LANGUAGE, Template
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -140,7 +139,7 @@ def _study_level(result: LesionResult, roles_present: Sequence[str]) -> list[hd.
     return [derived, qualitative]
 
 
-def _report(observer: hd.sr.ObservationContext, library: Sequence[Dataset], groups: Sequence[hd.sr.Template],
+def _report(observer: hd.sr.ObservationContext, library: Sequence[Dataset], groups: Sequence[Template],
             study_level: Sequence[hd.sr.ContainerContentItem]) -> hd.sr.ContainerContentItem:
     """The TID 1500 root container, as ``hd.sr.MeasurementReport`` builds it, but without its demand for at least
     one measurement group: a study with no lesions has none, and TID 1500 is complete with its Derived Imaging
@@ -201,6 +200,7 @@ def write_sr(
     frame_of_slice = {int(k): f for f, k in enumerate(common.source_frame_slices(result.labels, source_datasets))}
     groups: list = []
     for les in result.lesions:
+        assert seg_view is not None  # lesions come with their SEG (checked above)
         segment = segments[les.number]
         image = _source_image(source_datasets, frame_of_slice[les.in_plane.slice_index])
         axes = [(common.LONG_AXIS, les.in_plane.long_axis_mm, les.in_plane.long_axis)]
@@ -253,7 +253,7 @@ def write_sr(
     )
     sr.SeriesDescription = series_description or common.research_description("SR")
     sr.ManufacturerModelName = algorithm.model
-    sr.SoftwareVersions = algorithm.software_versions
+    sr.SoftwareVersions = algorithm.software_versions  # type: ignore[assignment]  # see seg.py
     sr.DeviceSerialNumber = algorithm.serial_number
-    sr.CodingSchemeIdentificationSequence = DicomSequence([common.coding_scheme_identification()])
+    sr.CodingSchemeIdentificationSequence = [common.coding_scheme_identification()]
     return sr

@@ -78,9 +78,8 @@ def _slices(folder: Path, case_id: str) -> list[Path]:
 def _read_png(path: Path, case_id: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            if img.getbands() not in _GREY_BANDS:
-                img = img.convert("L")
-            return np.asarray(img, dtype=np.float32)
+            grey = img if img.getbands() in _GREY_BANDS else img.convert("L")
+            return np.asarray(grey, dtype=np.float32)
     except OSError as exc:  # also PIL's UnidentifiedImageError
         raise CaseError(f"case {case_id}: cannot read {path.parent.name}/{path.name}: {exc}") from None
 

@@ -156,8 +156,8 @@ def prepare_case(case: Case, settings: GridSettings = GridSettings()) -> tuple[P
         brain = (resample_to_grid(case.brain_mask, prepared.grid, None, sitk.sitkNearestNeighbor) > 0)
     else:
         head = np.zeros(label.shape, dtype=bool)
-        for r in prepared.present:
-            head |= prepared.volumes[r] > _HEAD_FRACTION
+        for volume in prepared.present_volumes().values():
+            head |= volume > _HEAD_FRACTION
         brain = np.stack([ndimage.binary_fill_holes(s) for s in head]) if head.any() else head
     brain = (brain | (label > 0)).astype(np.uint8)  # a lesion voxel is always scored
     return prepared, label, brain
@@ -201,8 +201,8 @@ def cache_case(source: CaseSource, cache_root: str | Path, settings: GridSetting
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{source.case_id}-", dir=root))
     try:
-        for r in prepared.present:
-            np.save(tmp / f"{r}.npy", prepared.volumes[r].astype(np.float16))
+        for r, volume in prepared.present_volumes().items():
+            np.save(tmp / f"{r}.npy", volume.astype(np.float16))
         np.save(tmp / "label.npy", label)
         np.save(tmp / "brain.npy", brain)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

@@ -72,7 +72,7 @@ def read_seg_mask(path: Path, case_id: str) -> sitk.Image:
         volume = seg.get_volume()  # (slice, row, column, segment), frames placed by position
     except (ValueError, RuntimeError) as exc:  # not a SEG, or frames that form no regular stack
         raise CaseError(f"case {case_id}: cannot read the SEG {path.name}: {exc}") from None
-    mask = (np.asarray(volume.array) >= _FRACTION).any(axis=-1)
+    mask = np.asarray((np.asarray(volume.array) >= _FRACTION).any(axis=-1))
     return volume.with_array(mask.astype(np.uint8), channels={}).to_simpleitk()
 
 

@@ -12,6 +12,7 @@ as at inference). The case id is the folder name.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -84,5 +85,5 @@ def nifti_sources(root: str | Path) -> list[CaseSource]:
         files = [p for sub in ("nifti", "truth") for p in (folder / sub).iterdir() if p.is_file()]
         out.append(CaseSource(case_id=folder.name, kind="nifti", path=folder.resolve(),
                               fingerprint=file_fingerprint(files),
-                              load=lambda folder=folder: load_nifti_case(folder)))
+                              load=functools.partial(load_nifti_case, folder)))
     return out

@@ -8,6 +8,7 @@ point x is the one at patient point pose^-1(x), i.e. at template point deformati
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class GridSpec:
         """The sub-grid of voxels lo..hi (inclusive, (column, row, slice) indices)."""
         origin = np.asarray(self.origin) + self.direction @ (np.asarray(lo) * np.asarray(self.spacing))
         size = tuple(int(v) for v in np.asarray(hi) - np.asarray(lo) + 1)
-        return GridSpec(size, self.spacing, self.direction, _xyz(origin), self.thickness)  # type: ignore[arg-type]
+        return GridSpec(size, self.spacing, self.direction, _xyz(origin), self.thickness)
 
     def windows(
         self, points: NDArray[np.float64] | None, margin_mm: float, n_slabs: int = 8
@@ -96,7 +97,7 @@ class GridSpec:
         pad = margin_mm / np.asarray(self.spacing)
         out = []
         edges = np.linspace(0, self.size[2], n_slabs + 1).round().astype(int)
-        for s0, s1 in zip(edges[:-1], edges[1:]):
+        for s0, s1 in itertools.pairwise(edges):
             near = ijk[(ijk[:, 2] >= s0 - pad[2]) & (ijk[:, 2] <= s1 - 1 + pad[2])]
             if s1 <= s0 or len(near) == 0:
                 continue
@@ -134,10 +135,10 @@ def centred_grid(
     half = (np.asarray(size) - 1) / 2.0 * np.asarray(spacing)
     origin = np.asarray(centre) - direction @ half
     return GridSpec(
-        size=tuple(int(v) for v in size),  # type: ignore[arg-type]
-        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        size=tuple(int(v) for v in size),
+        spacing=tuple(float(v) for v in spacing),
         direction=direction,
-        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in origin),
         thickness=float(thickness),
     )
 
@@ -369,7 +370,7 @@ def reformat(image: sitk.Image, target: GridSpec, template_spacing: float) -> F3
     """A multiplanar reformat: thick-slab average of an acquired series over each target slice."""
     parts = target.subslices(slice_subsamples(target, template_spacing))
     acc = sum(sitk.GetArrayFromImage(resample_between(image, p)) for p in parts)
-    return (acc / len(parts)).astype(np.float32)
+    return np.asarray(acc / len(parts), dtype=np.float32)
 
 
 def epi_distortion(rng: np.random.Generator, head: HeadBox, direction: M4) -> sitk.Transform:

@@ -17,6 +17,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -155,7 +156,7 @@ def nilearn_data_dir() -> Path:
 def _read_lps(name: str) -> F32:
     """One template map as float32 0..1 in LPS (z, y, x) order. The files are RAS with a 1 mm identity affine
     whose voxel (0, 0, 0) is at RAS (-98, -134, -72); anything else is refused rather than misread."""
-    img = nib.load(nilearn_data_dir() / _TEMPLATE_FILE.format(name))
+    img = cast(nib.Nifti1Image, nib.load(nilearn_data_dir() / _TEMPLATE_FILE.format(name)))
     expected = np.eye(4)
     expected[:3, 3] = _TEMPLATE_ORIGIN_RAS
     if img.shape != _TEMPLATE_SHAPE or not np.allclose(img.affine, expected):
@@ -209,9 +210,9 @@ def load_template(spacing_mm: float = 1.0) -> Template:
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
     c = int(round(_DIST_SPACING_MM / grid.spacing))
     coarse_grid = Grid(
-        origin=tuple(o + (c - 1) * grid.spacing / 2.0 for o in grid.origin),  # type: ignore[arg-type]
+        origin=tuple(o + (c - 1) * grid.spacing / 2.0 for o in grid.origin),
         spacing=_DIST_SPACING_MM,
-        shape=tuple(n // c for n in grid.shape),  # type: ignore[arg-type]
+        shape=tuple(n // c for n in grid.shape),
     )
     coarse = _block_mean(brain, c) >= 0.5
     csf_coarse = _block_mean(csf, c)
@@ -223,7 +224,7 @@ def load_template(spacing_mm: float = 1.0) -> Template:
     cy, cx = ndi.center_of_mass(brain[first_z])
     cord_xy = tuple(float(v) for v in grid.to_lps([first_z, cy, cx])[:2])
 
-    shells = _shell_voxels(grid, brain, dist, c, cord_xy, centre)  # type: ignore[arg-type]
+    shells = _shell_voxels(grid, brain, dist, c, cord_xy, centre)
     body = _block_mean(_unflatten(shells["shell_index"], grid.shape) | brain, c) > 0
     arrays = dict(
         gm=gm,
@@ -242,12 +243,12 @@ def load_template(spacing_mm: float = 1.0) -> Template:
     return Template(
         grid=grid,
         coarse=coarse_grid,
-        cord_xy=cord_xy,  # type: ignore[arg-type]
-        centre=centre,  # type: ignore[arg-type]
+        cord_xy=cord_xy,
+        centre=centre,
         extent=tuple((float(lo[i]), float(hi[i])) for i in range(3)),
         body_surface=coarse_grid.to_lps(np.argwhere(_surface_voxels(body)).astype(np.float64)),
         brain_surface=coarse_grid.to_lps(np.argwhere(_surface_voxels(coarse)).astype(np.float64)),
-        **arrays,  # type: ignore[arg-type]
+        **arrays,
     )
 
 
@@ -272,7 +273,7 @@ def _brain_maps(f: int) -> tuple[Grid, F32, F32, NDArray[np.bool_], int]:
     over = tissue > 1.0
     gm[over] /= tissue[over]
     wm[over] /= tissue[over]
-    grid = Grid(origin=origin, spacing=float(f), shape=gm.shape)  # type: ignore[arg-type]
+    grid = Grid(origin=origin, spacing=float(f), shape=gm.shape)
     return grid, gm, wm, brain, int(np.ceil((zl + 0.5) / f - 0.5))
 
 
@@ -304,7 +305,7 @@ def _shell_voxels(
     neck = _neck_depth(grid, cord_xy)
     iz, iy, ix = np.nonzero(~brain & ((envelope < _SHELL_MAX_MM) | (neck > -2.0 * grid.spacing)))
     index = (iz * grid.shape[1] + iy) * grid.shape[2] + ix
-    z, y, x = grid.axes_mm(tuple(slice(0, n) for n in grid.shape))  # type: ignore[arg-type]
+    z, y, x = grid.axes_mm(tuple(slice(0, n) for n in grid.shape))
     wz, wy, wx = _temporal_weight(centre, x, y, z)
     to_brain = _upsample_to(dist["outside"], grid.shape, c).ravel()[index]
     cs = dist["outside"].shape
@@ -361,7 +362,7 @@ _NECK_ANTERIOR_SHIFT = 14.0  # mm in front of the cord
 
 def _neck_depth(grid: Grid, cord_xy: tuple[float, float]) -> F32:
     """Depth (mm, > 0 inside) below the neck's skin surface; it shrinks to nothing above the skull base."""
-    z, y, x = grid.axes_mm(tuple(slice(0, n) for n in grid.shape))  # type: ignore[arg-type]
+    z, y, x = grid.axes_mm(tuple(slice(0, n) for n in grid.shape))
     ax, ay = _NECK_SEMI_AXES
     cy = cord_xy[1] - _NECK_ANTERIOR_SHIFT
     rho = np.sqrt(((x[None, :] - cord_xy[0]) / ax) ** 2 + ((y[:, None] - cy) / ay) ** 2)
@@ -537,7 +538,7 @@ def _add_falx(stack: TissueStack, template: Template) -> None:
     ix = g.to_index((0.0, 0.0, 0.0))[2]
     box = (slice(int(g.to_index((0, 0, _FALX_BOTTOM_Z))[0]), g.shape[0]), slice(0, g.shape[1]),
            slice(int(np.floor(ix - half / h)), int(np.ceil(ix + half / h)) + 1))
-    z, y, x = g.axes_mm(box)
+    _, _, x = g.axes_mm(box)
     sheet = np.clip(0.5 + (0.5 * _FALX_THICKNESS_MM - np.abs(x)) / h, 0.0, 1.0)[None, None, :]
     fissure = np.clip((stack["csf"][box] - 0.3) / 0.4, 0.0, 1.0) * template.brain[box]
     falx = (sheet * fissure * stack["csf"][box]).astype(np.float32)
@@ -669,9 +670,9 @@ def random_deformation(template: Template, rng: np.random.Generator) -> PatientD
     return PatientDeformation(
         transform=tx,
         forward=fwd,
-        field_origin=tuple(float(v) for v in (c_p - _FIELD_HALF_MM)),  # type: ignore[arg-type]
+        field_origin=tuple(float(v) for v in (c_p - _FIELD_HALF_MM)),
         field_size=n,
         field_spacing=_FIELD_SPACING_MM,
-        head_centre=tuple(float(v) for v in c_p),  # type: ignore[arg-type]
+        head_centre=tuple(float(v) for v in c_p),
         pitch_deg=float(pitch),
     )

@@ -191,9 +191,9 @@ def sample_sequence(rng: np.random.Generator, kind: SeriesKind, vendor: Vendor, 
         return IrSpgr(ti=ti, prep=ti - 0.4 * n * tr, tr=tr, te=rng.uniform(3.4, 3.9), flip=rng.uniform(8, 10),
                       shot_interval=rng.uniform(2000, 2500), shot_length=n, centre_fraction=0.4)
     if kind in (SeriesKind.T1_CUBE_PRE, SeriesKind.T1_CUBE_POST):
-        tr = {Vendor.GE: (500, 650), Vendor.SIEMENS: (600, 700), Vendor.PHILIPS: (550, 650)}[vendor]
-        te = {Vendor.GE: (12, 16), Vendor.SIEMENS: (10, 14), Vendor.PHILIPS: (15, 20)}[vendor]
-        return FastSpinEcho(tr=rng.uniform(*tr), te=rng.uniform(*te), etl=int(rng.integers(20, 36)),
+        tr_range = {Vendor.GE: (500, 650), Vendor.SIEMENS: (600, 700), Vendor.PHILIPS: (550, 650)}[vendor]
+        te_range = {Vendor.GE: (12, 16), Vendor.SIEMENS: (10, 14), Vendor.PHILIPS: (15, 20)}[vendor]
+        return FastSpinEcho(tr=rng.uniform(*tr_range), te=rng.uniform(*te_range), etl=int(rng.integers(20, 36)),
                             blood_suppression=rng.uniform(0.04, 0.12))
     if kind is SeriesKind.FLAIR:
         tr = rng.uniform(6000, 7000) if is_3d else rng.uniform(8000, 9500)

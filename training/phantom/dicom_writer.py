@@ -28,10 +28,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import Code, codes
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 from pydicom.valuerep import DSfloat
@@ -295,8 +296,8 @@ def _image_pixel(ds: Dataset, image: sitk.Image, geo: SliceGeometry) -> None:
 
 def _file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "DNODE_PHANTOM"

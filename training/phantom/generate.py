@@ -117,7 +117,7 @@ def _head_box(template: Template, deformation: PatientDeformation) -> HeadBox:
 def _exam_order(rng: np.random.Generator, roles: list[SeriesKind], extras: list[SeriesKind]) -> list[SeriesKind]:
     """Localizer, then the pre-contrast series (CUBE pre, FLAIR, DWI + ADC) in a site-specific order, the
     injection, then the post-contrast series (BRAVO, CUBE post) and finally any reformat."""
-    pre = [k for k in (SeriesKind.T1_CUBE_PRE, SeriesKind.FLAIR) if k in roles]
+    pre: list[SeriesKind] = [k for k in (SeriesKind.T1_CUBE_PRE, SeriesKind.FLAIR) if k in roles]
     if SeriesKind.DWI in extras:
         pre.append(SeriesKind.DWI)
     pre = [pre[i] for i in rng.permutation(len(pre))]

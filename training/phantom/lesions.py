@@ -114,7 +114,7 @@ def place_lesions(template: Template, rng: np.random.Generator, voxel_mm: float 
             placed.append(
                 LesionSpec(
                     kind=kind,
-                    centre=tuple(float(v) for v in c),  # type: ignore[arg-type]
+                    centre=tuple(float(v) for v in c),
                     diameter_mm=float(dd),
                     edema=edema > 0.0,
                     edema_extent_mm=edema,

@@ -69,7 +69,7 @@ def lesions_document(study: SyntheticStudy, reference_series_uid: str | None = N
         "roles_present": [role for role in ROLES if any(s.kind.value == role for s in study.series)],
         "lesion_count": len(study.lesions),
         "counts_by_size": counts,
-        "lesions": [_lesion_record(lesion) for lesion in sorted(study.lesions, key=lambda l: l.label)],
+        "lesions": [_lesion_record(lesion) for lesion in sorted(study.lesions, key=lambda les: les.label)],
     }
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-from numpy.typing import NDArray  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import SimpleITK as sitk
+from numpy.typing import NDArray
 
-from training.phantom.types import ROLES, SyntheticStudy  # noqa: E402
+from training.phantom.types import ROLES, SyntheticStudy
 
 _FOV_MM = 240.0
 _PIXEL_MM = 0.75
@@ -44,7 +44,8 @@ def _focus(study: SyntheticStudy, plane: str) -> NDArray[np.float64]:
     if not study.lesions:
         return centre
     lesion = np.asarray(max(study.lesions, key=lambda t: t.volume_mm3).centroid_lps_mm)
-    normal = np.cross(*(np.asarray(v) for v in _CUTS[plane]))
+    u, v = (np.asarray(d, dtype=float) for d in _CUTS[plane])
+    normal = np.cross(u, v)
     return centre + normal * float(np.dot(lesion - centre, normal))
 
 

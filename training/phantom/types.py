@@ -72,7 +72,8 @@ class SyntheticSeries:
     derived_from: SeriesKind | None = None  # for ADC / MPR
     # What the generator simulated, for headers consistent with the pixels (None when not known):
     slice_thickness_mm: float | None = None  # 2D slices can be thinner than their spacing (a gap)
-    sequence: dict[str, float] | None = None  # DICOM keyword -> value: RepetitionTime, EchoTime, InversionTime (ms), FlipAngle (deg), ...
+    # DICOM keyword -> value: RepetitionTime, EchoTime, InversionTime (ms), FlipAngle (deg), ...
+    sequence: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

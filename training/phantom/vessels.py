@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage as ndi
 
 from training.phantom.anatomy import Grid, Template, TissueStack, sample
@@ -45,13 +45,13 @@ def _resample_path(points: P3, step: float = 0.5, smooth: float = 0.0) -> P3:
 
 
 def _surface(
-    template: Template, inner: P3, directions: P3, offset: NDArray[np.float64] | float, first_exit: bool = False
+    template: Template, inner: ArrayLike, directions: P3, offset: NDArray[np.float64] | float, first_exit: bool = False
 ) -> P3:
     """For each ray from ``inner`` along ``directions`` (N, 3): the outermost brain point (or, with
     ``first_exit``, where the ray first leaves the brain) moved ``offset`` mm further along the ray."""
     steps = np.arange(0.0, 130.0, 1.0)
-    inner = np.broadcast_to(np.asarray(inner, dtype=np.float64), directions.shape)
-    pts = inner[:, None, :] + steps[None, :, None] * directions[:, None, :]
+    start = np.broadcast_to(np.asarray(inner, dtype=np.float64), directions.shape)
+    pts = start[:, None, :] + steps[None, :, None] * directions[:, None, :]
     inside = sample(template.coarse, template.brain_dist, pts) <= 0.5
     if first_exit:
         last = np.maximum(np.argmax(~inside, axis=1) - 1, 0)

@@ -17,6 +17,7 @@ import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from training.validate.content import ReportContent
 from training.validate.tables import Table
@@ -37,12 +38,16 @@ class _Pages:
         self.fig: Figure | None = None
         self.y = _TOP
 
-    def _new_page(self) -> None:
+    def _page(self, height: float) -> Figure:
+        """The current page, or a new one when less than ``height`` (figure fraction) is left on it."""
+        if self.fig is not None and self.y - height >= _BOTTOM:
+            return self.fig
         self.flush()
-        self.fig = plt.figure(figsize=PAGE_IN)
-        self.fig.text(_LEFT, 0.965, self.title, fontsize=12, weight="bold", va="center")
-        self.fig.text(_LEFT, 0.935, self.byline, fontsize=7, va="center")
+        self.fig = fig = plt.figure(figsize=PAGE_IN)
+        fig.text(_LEFT, 0.965, self.title, fontsize=12, weight="bold", va="center")
+        fig.text(_LEFT, 0.935, self.byline, fontsize=7, va="center")
         self.y = _TOP - 0.03
+        return fig
 
     def flush(self) -> None:
         if self.fig is not None:
@@ -51,26 +56,23 @@ class _Pages:
             self.fig = None
 
     def text(self, line: str, size: float = 9) -> None:
-        if self.fig is None or self.y - 0.04 < _BOTTOM:
-            self._new_page()
-        self.fig.text(_LEFT, self.y - 0.02, line, fontsize=size, va="center")
+        self._page(0.04).text(_LEFT, self.y - 0.02, line, fontsize=size, va="center")
         self.y -= 0.04
 
     def table(self, t: Table) -> None:
         rows = t.rows or [["(none)"] + [""] * (len(t.header) - 1)]
         start = 0
         while start < len(rows):
-            if self.fig is None or self.y - 0.04 - 3 * _ROW < _BOTTOM:
-                self._new_page()
+            fig = self._page(0.04 + 3 * _ROW)
             fit = max(1, int((self.y - 0.035 - _BOTTOM - (0.02 if t.note else 0)) / _ROW) - 1)
             chunk = rows[start:start + fit]
-            self.fig.text(_LEFT, self.y - 0.012, t.title + (" (continued)" if start else ""), fontsize=9,
-                          weight="bold", va="center")
+            fig.text(_LEFT, self.y - 0.012, t.title + (" (continued)" if start else ""), fontsize=9,
+                     weight="bold", va="center")
             h = _ROW * (len(chunk) + 1)
-            ax = self.fig.add_axes((_LEFT, self.y - 0.03 - h, _WIDTH, h))
+            ax = fig.add_axes((_LEFT, self.y - 0.03 - h, _WIDTH, h))
             ax.axis("off")
             widths = [max(len(str(r[i])) for r in [t.header, *rows]) + 2 for i in range(len(t.header))]
-            table = ax.table(cellText=chunk, colLabels=t.header, cellLoc="left", bbox=(0, 0, 1, 1),
+            table = ax.table(cellText=chunk, colLabels=t.header, cellLoc="left", bbox=Bbox.from_bounds(0, 0, 1, 1),
                              colWidths=[w / sum(widths) for w in widths])
             table.auto_set_font_size(False)
             # a character of DejaVu Sans is ~0.6 em wide, plus the cells' padding: shrink wide tables to fit
@@ -81,7 +83,7 @@ class _Pages:
             self.y -= 0.03 + h
             start += len(chunk)
             if t.note and start >= len(rows):
-                self.fig.text(_LEFT, self.y - 0.012, t.note, fontsize=6, color="#555555", va="center")
+                fig.text(_LEFT, self.y - 0.012, t.note, fontsize=6, color="#555555", va="center")
                 self.y -= 0.02
             self.y -= 0.015
 

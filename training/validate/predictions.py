@@ -4,8 +4,8 @@ Layout: ``<root>/<model hash>/<case id>-<case cache key>/<combination key>.npy``
 on the model grid. The model hash is the checkpoint file's SHA-256 (any retraining or recalibration changes
 it), the case key is :func:`training.data.cache.cache_case`'s (changes with the case's files or the grid), the
 combination key names the roles the model was given. Beside each map, ``<combination key>.froc.json`` keeps
-its FROC counts (threshold-independent, and the slow part of an evaluation). Writes go to a temporary file renamed into place, so an
-interrupted run never leaves a truncated map that looks complete.
+its FROC counts (threshold-independent, and the slow part of an evaluation). Writes go to a temporary file
+renamed into place, so an interrupted run never leaves a truncated map that looks complete.
 
 float16 keeps 3 significant digits (relative step 2^-11): metrics computed from a cached map may differ from
 the node's float32 map for voxels within that step of the threshold.
@@ -101,5 +101,9 @@ class PredictionCache:
         if prob is None:
             self.store(case, roles, predict_case(model, case, roles, device))
             self.n_inferred += 1
+            # read back, so that a first run and a rerun score the same (float16) map
             prob = self.load(case, roles)
+            if prob is None:
+                raise RuntimeError(f"prediction cache: the map of case {case.case_id} was written but reads back as "
+                                   "missing (is the cache folder writable and on a working disk?)")
         return prob

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.metrics import COUNT_GROUPS
 from training.formatting import fixed, mean_sd
+from training.metrics import COUNT_GROUPS
 from training.model_card import markdown_table, short_name
 from training.validate.run import AS_ACQUIRED, primary_combination
 
