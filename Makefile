@@ -22,7 +22,7 @@ SYNTHETIC := var/synthetic/nifti
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test demo model clean help debian-tools ohif
+.PHONY: install run test lint demo model clean help debian-tools ohif
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -62,8 +62,12 @@ $(OHIF)/dist/index.html: | debian-tools
 
 ohif: $(OHIF)/dist/index.html  ## the OHIF viewer for tests/test_viewer.py, in var/ohif/
 
+lint: install  ## ruff and mypy on the whole tree (their settings and exclusions: pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 # OHIF_DIST tells tests/test_viewer.py that the viewer must be there (it fails rather than skips)
-test: install debian-tools ohif  ## install everything the tests need, then run them all
+test: install debian-tools ohif lint  ## install everything the tests need, lint, then run them all
 	OHIF_DIST=$(CURDIR)/$(OHIF)/dist $(VENV)/bin/python -m pytest -n auto $(PYTEST_ARGS)
 
 demo: install debian-tools  ## end-to-end demo: two synthetic studies through the node on its defaults

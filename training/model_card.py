@@ -169,7 +169,8 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
               + PUBLISHED_ROWS)
     md.append("### ILD model, every role combination\n\n" + markdown_table(
         [(short_name(k), v["summary"]) for k, v in ild["combinations"].items()]))
-    md.append("### By number of lesions (BRAVO missing)\n\n" + _groups_table(ild["model_name"], ild["combinations"][no_bravo]["summary"]))
+    md.append("### By number of lesions (BRAVO missing)\n\n"
+              + _groups_table(ild["model_name"], ild["combinations"][no_bravo]["summary"]))
     thr_rows = [(f"{r['model_name']}, {short_name(k)}, {r['other_threshold_rules'][t]} {float(t):.3g}", d[t])
                 for r in results.values() for k, d in r["other_thresholds"].items() for t in d]
     if thr_rows:
@@ -178,7 +179,7 @@ def write_model_card_figures(cfg: TrainConfig, model_path: Path, baseline_path: 
                     "split (`dicom-node validate --threshold youden`, node `model.threshold: youden`); max-dice: the "
                     "maximum pooled voxel Dice on the validation split (`dicom-node calibrate --rule max-dice`); "
                     "fixed: 0.5.\n\n" + markdown_table(thr_rows))
-    for label, r in results.items():
+    for r in results.values():
         md.append(f"{r['model_name']}: threshold {r['threshold']:.3g} ({r['threshold_rule']}); evaluation "
                   f"{r['seconds']:.0f} s for "
                   f"{r['slices']} slices ({1000 * r['seconds'] / max(r['slices'], 1):.1f} ms/slice incl. metrics).\n")

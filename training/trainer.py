@@ -118,7 +118,7 @@ def split_cases(config: TrainConfig, cases: dict[str, CachedCase], *, reuse: boo
     path = config.output.dir / "splits.json"
     if reuse and path.is_file():
         splits = read_splits(path)
-        unknown = sorted(set(sum(splits.values(), [])) - set(cases))
+        unknown = sorted({case for split in splits.values() for case in split} - set(cases))
         if unknown:
             raise ValueError(f"{path}: case(s) {unknown[:5]} are not in the data sources")
         return splits

@@ -7,7 +7,8 @@ inside the brain mask, overlap and lesion metrics on the whole volume at ``prob 
 * lesion sensitivity per GT-volume bin (:data:`training.metrics.DEFAULT_SIZE_BINS_MM3`), pooled over patients;
 * FROC: pooled lesion sensitivity vs mean FP components per patient (any size) over :data:`FROC_THRESHOLDS`
   and the operating threshold;
-* the voxel ROC pooled over patients and its Youden point (the threshold the method would pick on these cases) (brain-mask voxels of all patients together) with a 95 % band from a
+* the voxel ROC pooled over patients (brain-mask voxels of all patients together) and its Youden point (the
+  threshold the method would pick on these cases), with a 95 % band from a
   bootstrap over patients (patients resampled with replacement, seeded; percentile band of the TPR at fixed
   FPRs). The pooled ROC is exact: the maps are float16, so each patient is reduced to positive and negative
   voxel counts per distinct float16 value, and a resample is a weighted sum of those counts.
@@ -201,7 +202,8 @@ def pooled_roc(rocs: Sequence[RocCounts], *, bootstrap: int = 1000, seed: int = 
 
 def summarise_group(evals: Sequence[CaseEvaluation], *, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The figures of one model and combination: ``summary`` (:func:`training.metrics.summarise`: mean +/- SD,
-    count groups), ``size_bins``, ``froc``, ``operating_point`` (the FROC point at the threshold), ``roc`` and per-patient ``patients``."""
+    count groups), ``size_bins``, ``froc``, ``operating_point`` (the FROC point at the threshold), ``roc`` and
+    per-patient ``patients``."""
     metrics = [e.metrics for e in evals]
     summary = summarise(metrics)
     return {"summary": summary, "size_bins": pooled_size_bins(evals), "froc": froc_points(evals),
