@@ -146,8 +146,8 @@ def test_lesions_found_where_planted(full):
 
 
 def test_geometry_round_trip(full):
-    """The reference-grid probability equals the model-grid map, trilinearly interpolated (own numpy code) at the
-    physical position of each reference voxel."""
+    """The reference-grid probability equals the model-grid map's log-odds, trilinearly interpolated (own numpy
+    code) at the physical position of each reference voxel, through the sigmoid."""
     _, _, result, _, _ = full
     inf = result.inference
     prob_grid, grid = inf.probability_grid, inf.grid
@@ -174,8 +174,9 @@ def test_geometry_round_trip(full):
             for dy in (0, 1):
                 for dx in (0, 1):
                     w = (f[0] if dz else 1 - f[0]) * (f[1] if dy else 1 - f[1]) * (f[2] if dx else 1 - f[2])
-                    v += w * prob_grid[lo[0] + dz, lo[1] + dy, lo[2] + dx]
-        errs.append(abs(v - arr_ref[i[2], i[1], i[0]]))
+                    p_node = float(prob_grid[lo[0] + dz, lo[1] + dy, lo[2] + dx])
+                    v += w * (np.log(p_node) - np.log1p(-p_node))
+        errs.append(abs(1.0 / (1.0 + np.exp(-v)) - arr_ref[i[2], i[1], i[0]]))
     assert len(errs) > 300
     assert max(errs) < 1e-4
 
