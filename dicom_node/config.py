@@ -182,6 +182,11 @@ class ModelSection(_Section):
         return value
 
 
+class OutputsSection(_Section):
+    #: Also a Secondary Capture series (outlines burned into key images, a summary) for viewers without SEG support
+    secondary_capture: bool = False
+
+
 class WebSection(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -219,6 +224,7 @@ class NodeConfig(_Section):
     destinations: list[Destination] = []
     send: SendSection = SendSection()
     model: ModelSection = ModelSection()
+    outputs: OutputsSection = OutputsSection()
     web: WebSection = WebSection()
     rules: Path = Path("series_rules.yaml")
     logging: LoggingSection = LoggingSection()

@@ -1,4 +1,5 @@
-"""Send results back: C-STORE of each done case's SEG and SR to every configured destination.
+"""Send results back: C-STORE of each done case's SEG and SR (and its Secondary Capture key images, when
+``outputs.secondary_capture`` made them) to every configured destination.
 
 One delivery row per (case, destination). A transient failure (connection refused, timeout, out of
 resources, rejected-transient) is retried with exponential backoff: ``send.retry_initial_seconds``
@@ -39,6 +40,7 @@ from dicom_node.db import (
     rows_changed,
 )
 from dicom_node.scu import Peer, SendError, client_ssl_context, send_files
+from pipeline.outputs import dicom_files
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,9 @@ def destination_ssl_context(config: NodeConfig) -> ssl.SSLContext:
 
 
 def result_files(storage_root: Path, result_dir: str) -> list[Path]:
-    """The DICOM results of a case in sending order: SEG (when there are lesions), then the SR that cites it."""
-    folder = storage_root / result_dir
-    return [p for p in (folder / "seg.dcm", folder / "sr.dcm") if p.is_file()]
+    """The DICOM results of a case in sending order: SEG (when there are lesions), the SR that cites it, then
+    the Secondary Capture instances (when switched on)."""
+    return dicom_files(storage_root / result_dir)
 
 
 def _claim_next(db: Database, now: float, tried: set[int]) -> int | None:

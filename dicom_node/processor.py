@@ -108,7 +108,8 @@ class Processor:
                 raise StudyError(f"{len(missing)} input file(s) no longer on disk (purged?), e.g. {missing[0]}")
             threads = cfg.queue.worker_threads
             settings = StudySettings(device=cfg.model.device, software_version=__version__, threads=threads,
-                                     registration=RegistrationSettings(threads=threads))
+                                     registration=RegistrationSettings(threads=threads),
+                                     secondary_capture=cfg.outputs.secondary_capture)
             result = run_study(files, self.model, self.meta, settings=settings)
             layout = StorageLayout(root)
             final = layout.results_dir(case.study_uid, case.version)

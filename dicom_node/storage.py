@@ -5,7 +5,7 @@ Layout under ``storage.root``:
 
 - ``incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: received instances;
 - ``results/<StudyInstanceUID>/`` (version 1) and ``results/<StudyInstanceUID>/version-N/`` (N >= 2): a case
-  version's result files (:data:`pipeline.outputs.OUTPUT_FILES`), written under ``results/.tmp/`` first and
+  version's result files (:func:`pipeline.outputs.result_names`), written under ``results/.tmp/`` first and
   moved into place by :meth:`StorageLayout.publish`, ``summary.json`` last;
 - ``quarantine/<YYYYMMDD>/``: refused instances (see below).
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.outputs import OUTPUT_FILES, SEG_FILE, drop_stale_seg
+from pipeline.outputs import drop_stale_results, result_names
 
 INCOMING = "incoming"
 RESULTS = "results"
@@ -117,12 +117,12 @@ class StorageLayout:
     @staticmethod
     def publish(tmp: Path, final: Path) -> None:
         """Move the result files written in ``tmp`` into ``final``, ``summary.json`` last (the completion
-        marker); a SEG left in ``final`` by an earlier attempt goes when this one has none."""
+        marker); a SEG or key images left in ``final`` by an earlier attempt go when this one has none."""
         final.mkdir(parents=True, exist_ok=True)
-        drop_stale_seg(final, has_seg=(tmp / SEG_FILE).exists())
-        for name in OUTPUT_FILES:
-            if (tmp / name).exists():
-                os.replace(tmp / name, final / name)
+        names = result_names(tmp)
+        drop_stale_results(final, keep=set(names))
+        for name in names:
+            os.replace(tmp / name, final / name)
         _fsync_dir(final)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from os import PathLike
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,15 +21,19 @@ import SimpleITK as sitk
 from pipeline.preprocess import model_grid, resample_to_grid
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from pipeline.lesions import Lesion
     from pipeline.result import StudyResult
 
-__all__ = ["MAX_PANELS", "write_overview"]
+__all__ = ["MAX_PANELS", "display_window", "draw_overview", "figure_rgb", "overview_rgb", "pyplot",
+           "write_overview"]
 
 MAX_PANELS = 4
 
 
-def _window(img: np.ndarray) -> tuple[float, float]:
+def display_window(img: np.ndarray) -> tuple[float, float]:
+    """Grey window (low, high) of an MR volume: the 1st and 99.5th percentiles of its foreground (> 0)."""
     fg = img[img > 0]
     if fg.size < 16:
         return 0.0, 1.0
@@ -36,12 +41,44 @@ def _window(img: np.ndarray) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
-def write_overview(result: StudyResult, path: str | PathLike[str]) -> Path:
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend (no display: the node and the CLI draw headless)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def figure_rgb(fig: Figure) -> np.ndarray:
+    """The drawn ``fig`` as a (rows, columns, 3) uint8 RGB array, one element per output pixel."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+
+
+def write_overview(result: StudyResult, path: str | PathLike[str]) -> Path:
+    """Draw the overview of ``result`` (see the module docstring) and save it as a PNG at ``path``."""
+    plt = pyplot()
+    fig = draw_overview(result)
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def overview_rgb(result: StudyResult) -> np.ndarray:
+    """The overview of ``result`` as a (rows, columns, 3) uint8 RGB array (the Secondary Capture summary)."""
+    fig = draw_overview(result)
+    try:
+        return figure_rgb(fig)
+    finally:
+        pyplot().close(fig)
+
+
+def draw_overview(result: StudyResult) -> Figure:
+    """The overview figure of ``result`` (1000 px wide at 100 dpi); the caller closes it."""
+    plt = pyplot()
     grid = model_grid(result.reference_image, size=256, through_plane_mm=1.0)
     ref = resample_to_grid(result.reference_image, grid)
     labels = sitk.GetArrayFromImage(sitk.Resample(result.lesions.labels, grid, sitk.Transform(3, sitk.sitkIdentity),
@@ -61,7 +98,7 @@ def write_overview(result: StudyResult, path: str | PathLike[str]) -> Path:
     nrows = (len(panels) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 5.4 * nrows + 0.6), squeeze=False,
                              layout="constrained")
-    lo, hi = _window(ref)
+    lo, hi = display_window(ref)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (k, les) in zip(axes.ravel(), panels):
@@ -86,10 +123,7 @@ def write_overview(result: StudyResult, path: str | PathLike[str]) -> Path:
         f"{res.count_all} lesion(s), {res.count_ge_10mm3} >= 10 mm³, total {res.total_volume_mm3:.0f} mm³\n"
         f"reference {result.reference_role}; roles used: {', '.join(result.inference.roles_used)} - "
         "RESEARCH USE ONLY", fontsize=9)
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _nearest_slice(grid: sitk.Image, point: tuple[float, float, float]) -> int:

@@ -50,6 +50,8 @@ class StudyResult:
     timings_s: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     software_version: str = "unknown"
+    # The optional Secondary Capture series (summary, then one key image per lesion); empty when switched off
+    secondary_capture: list[Dataset] = field(default_factory=list)
 
     @property
     def roles_present(self) -> tuple[str, ...]:
@@ -118,6 +120,9 @@ class StudyResult:
             "outputs": {
                 "seg_series_instance_uid": str(self.seg.SeriesInstanceUID) if self.seg is not None else None,
                 "sr_series_instance_uid": str(self.sr.SeriesInstanceUID),
+                "sc_series_instance_uid": (str(self.secondary_capture[0].SeriesInstanceUID)
+                                           if self.secondary_capture else None),
+                "sc_instances": len(self.secondary_capture),
             },
             "warnings": list(self.warnings),
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},

@@ -12,7 +12,9 @@ Stages (keys of ``StudyResult.timings_s``):
                      per-slice normalisation (:func:`pipeline.preprocess.prepare_study`).
 4. ``inference``   - batched 2.5D inference, probability back on the reference grid (:mod:`pipeline.inference`).
 5. ``lesions``     - threshold (the checkpoint's) + 26-connected components (:func:`pipeline.lesions.find_lesions`).
-6. ``dicom``       - DICOM SEG (only when there is at least one lesion) and TID 1500 SR (always).
+6. ``dicom``       - DICOM SEG (only when there is at least one lesion) and TID 1500 SR (always); with
+                     ``StudySettings.secondary_capture`` also the Secondary Capture key images
+                     (:func:`pipeline.dicom_out.sc.write_sc`: a summary, then one per lesion).
 
 :func:`pipeline.outputs.write_outputs` then writes ``seg.dcm`` (when lesions), ``sr.dcm``, ``summary.json`` and
 ``overview.png`` (stage ``outputs``). ``pipeline`` never imports ``dicom_node``: the caller picks the series
@@ -32,11 +34,12 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from pipeline.checkpoint import CheckpointMeta
-from pipeline.dicom_out import AlgorithmInfo, ordered_sources, write_seg, write_sr
+from pipeline.dicom_out import AlgorithmInfo, ordered_sources, write_sc, write_seg, write_sr
 from pipeline.inference import ProgressCallback, run_inference
 from pipeline.io import LoadedSeries, load_series
 from pipeline.lesions import find_lesions
 from pipeline.model import ILDDeepLabV3
+from pipeline.overview import overview_rgb
 from pipeline.preprocess import prepare_study
 from pipeline.registration import ROLES, RegistrationSettings, choose_reference, register_study
 from pipeline.result import RoleInput, StudyResult
@@ -61,6 +64,8 @@ class StudySettings:
     manufacturer: str = "ILD DICOM node (open source, research use only)"
     software_version: str = "unknown"  # the node's version, written to summary.json and the SEG/SR SoftwareVersions
     institution_name: str | None = None
+    # Also a Secondary Capture series with the outlines burned in (viewers without SEG support; off by default)
+    secondary_capture: bool = False
 
 
 def _device_uid(meta: CheckpointMeta) -> str:
@@ -161,9 +166,15 @@ def run_study(
     ignored = [r for r in roles if r not in cfg.roles]
     if ignored:
         warnings.append(f"series for role(s) {ignored} not used: the model does not take them")
-    return StudyResult(
+    result = StudyResult(
         study_instance_uid=study_uid, reference_role=reference_role, roles=roles, meta=meta,
         model_architecture=cfg.to_dict(), inference=inference, lesions=lesions, seg=seg, sr=sr,
         reference_image=images[reference_role], timings_s=timings, warnings=warnings,
         software_version=settings.software_version,
     )
+    if settings.secondary_capture:
+        t = time.perf_counter()
+        result.secondary_capture = write_sc(sources, images[reference_role], lesions, algorithm,
+                                            summary=overview_rgb(result))
+        timings["dicom"] += time.perf_counter() - t
+    return result

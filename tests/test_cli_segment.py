@@ -38,6 +38,29 @@ def test_segment_writes_outputs(case, tmp_path):
     assert study.patient.name not in r.output and study.patient.patient_id not in r.output
 
 
+def test_segment_secondary_capture_option(case, tmp_path):
+    """--secondary-capture adds the SC series (summary + one key image per lesion, the study's); a later run
+    without it into the same folder leaves no SC file behind."""
+    _, dicom, model = case
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["segment", str(dicom), "--out", str(out), "--model", str(model), "--secondary-capture"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    n = s["lesion_count"]
+    names = sorted(p.name for p in out.glob("sc-*.dcm"))
+    assert names == [f"sc-{i:04d}.dcm" for i in range(1, n + 2)] and s["outputs"]["sc_instances"] == n + 1
+    assert f"sc-0001..{n + 1:04d}.dcm ({n + 1})" in r.output
+    seg = pydicom.dcmread(out / "seg.dcm", stop_before_pixels=True)
+    for name in names:
+        ds = pydicom.dcmread(out / name, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == seg.StudyInstanceUID and ds.BurnedInAnnotation == "YES"
+        assert ds.SeriesInstanceUID == s["outputs"]["sc_series_instance_uid"]
+    again = runner.invoke(app, ["segment", str(dicom), "--out", str(out), "--model", str(model)])
+    assert again.exit_code == 0, again.output
+    assert not list(out.glob("sc-*.dcm"))
+    assert json.loads((out / "summary.json").read_text())["outputs"]["sc_series_instance_uid"] is None
+
+
 def test_missing_model_file(case, tmp_path):
     _, dicom, _ = case
     missing = tmp_path / "nope.safetensors"

@@ -2,7 +2,8 @@
 
 Classifies the series under DICOM_DIR with the series rules, runs :func:`pipeline.study.run_study` and writes
 ``seg.dcm`` (only when there are lesions), ``sr.dcm``, ``summary.json`` and ``overview.png`` to ``--out``
-(``docs/segment.md``). Messages name UIDs, never patient data or file paths below DICOM_DIR.
+(``docs/segment.md``); with ``--secondary-capture`` (or ``outputs.secondary_capture`` in the config) also the
+Secondary Capture key images ``sc-0001.dcm``... Messages name UIDs, never patient data or file paths below DICOM_DIR.
 Exit codes: 0 done, 1 the study could not be processed (no usable series, several studies or patients, missing
 or invalid model, unreadable series), 2 bad usage or an invalid config/rules file.
 """
@@ -10,12 +11,15 @@ or invalid model, unreadable series), 2 bad usage or an invalid config/rules fil
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
 from dicom_node.cli.exits import EXIT_USAGE, fail
+from pipeline.outputs import SC_PATTERN
 
 if TYPE_CHECKING:
     from dicom_node.rules import RuleSet
@@ -62,6 +66,10 @@ def segment(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per inference batch."),
     threads: int = typer.Option(None, "--threads", min=1, show_default="all CPU cores",
                                 help="CPU threads for inference."),
+    secondary_capture: bool | None = typer.Option(
+        None, "--secondary-capture/--no-secondary-capture", show_default="outputs.secondary_capture of the config",
+        help="Also write sc-0001.dcm...: Secondary Capture key images with the lesion outlines burned in, for "
+             "viewers without SEG support."),
 ) -> None:
     """Segment brain metastases in one study: writes seg.dcm (only if lesions), sr.dcm, summary.json, overview.png."""
     from dicom_node import __version__
@@ -103,7 +111,9 @@ def segment(
     except ValueError as exc:
         raise fail(f"model.{exc}") from None
     settings = StudySettings(batch_size=batch_size, device=cfg.model.device, threads=threads,
-                             software_version=__version__)
+                             software_version=__version__,
+                             secondary_capture=cfg.outputs.secondary_capture if secondary_capture is None
+                             else secondary_capture)
     bar: list[tqdm] = []
 
     def progress(done: int, total: int) -> None:
@@ -125,4 +135,15 @@ def segment(
     typer.echo(f"study {result.study_instance_uid}: {res.count_all} lesion(s), {res.count_ge_10mm3} >= 10 mm3, "
                f"total {res.total_volume_mm3:.0f} mm3 (threshold {res.threshold:g}; roles "
                f"{', '.join(result.inference.roles_used)}; reference {result.reference_role}); "
-               f"wrote {', '.join(p.name for p in written.values())} to {out} in {result.timings_s['total']:.1f} s")
+               f"wrote {', '.join(_file_names(written.values()))} to {out} in {result.timings_s['total']:.1f} s")
+
+
+def _file_names(paths: Iterable[Path]) -> list[str]:
+    """The names of ``paths``, the Secondary Capture files as one range (``sc-0001..0040.dcm (40)``)."""
+    names = [p.name for p in paths]
+    sc = [n for n in names if fnmatch(n, SC_PATTERN)]
+    if len(sc) < 2:
+        return names
+    first = names.index(sc[0])
+    rest = [n for n in names if n not in sc]
+    return [*rest[:first], f"{sc[0].removesuffix('.dcm')}..{sc[-1].removeprefix('sc-')} ({len(sc)})", *rest[first:]]

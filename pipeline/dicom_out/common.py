@@ -66,6 +66,8 @@ IMAGING_MEASUREMENTS = Code("126010", "DCM", "Imaging Measurements")
 DERIVED_MEASUREMENTS = Code("126011", "DCM", "Derived Imaging Measurements")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+DERIVATION_SEGMENTATION = Code("113076", "DCM", "Segmentation")  # CID 7203 Image Derivation (the SC's outlines)
+SOURCE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")  # CID 7202
 
 # Local concepts (no standard code exists)
 LESION_COUNT = Code("ILD001", PRIVATE_SCHEME, "Number of lesions")
