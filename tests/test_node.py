@@ -112,6 +112,37 @@ def test_full_study_comes_back_as_valid_seg_and_sr(node: NodeProcess, studies, t
         assert value not in log
 
 
+def test_secondary_capture_sent_with_seg_and_sr(tmp_path: Path, model: Path, studies) -> None:
+    """outputs.secondary_capture: the SC series (summary + one key image per lesion) reaches the destination
+    with the SEG and SR, in the study, dciodvfy clean (issue #18 part 4)."""
+    uid = _study_uid(studies["full"])
+    with storescp(tmp_path / "dest") as dest_port:
+        cfg = node_config(tmp_path, model=model, outputs={"secondary_capture": True}, destinations=[
+            {"name": "pacs", "ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}])
+        with NodeProcess(cfg) as n:
+            assert storescu(n.port, [studies["full"]]).returncode == 0
+            n.wait_state(uid, {"sent"})
+            summary = json.loads((Path(n.settings["storage"]["root"]) / "results" / uid / "summary.json").read_text())
+    n_sc = summary["lesion_count"] + 1
+    assert summary["outputs"]["sc_instances"] == n_sc
+
+    def arrived() -> dict[str, list[pydicom.Dataset]] | None:
+        r = _results_at_destination(tmp_path / "dest", uid)
+        return r if len(r.get("SEG", [])) == 1 and len(r.get("SR", [])) == 1 and len(r.get("OT", [])) == n_sc \
+            else None
+
+    got = wait_for(arrived, 10, "SEG, SR and SC at storescp")
+    sc = sorted(got["OT"], key=lambda ds: int(ds.InstanceNumber))
+    assert {ds.SOPClassUID for ds in sc} == {"1.2.840.10008.5.1.4.1.1.7"}  # Secondary Capture Image Storage
+    assert {ds.SeriesInstanceUID for ds in sc} == {summary["outputs"]["sc_series_instance_uid"]}
+    assert all(ds.BurnedInAnnotation == "YES" and ds.ImageType[0] == "DERIVED" for ds in sc)
+    for ds in sc[:2]:  # the summary and the first key image
+        path = tmp_path / f"sc-{ds.InstanceNumber}.dcm"
+        ds.save_as(path)
+        errors, _ = _dciodvfy_problems(path)
+        assert errors == [], f"SC {ds.InstanceNumber}: {errors}"
+
+
 def test_study_without_bravo_is_processed(node: NodeProcess, studies) -> None:
     uid = _study_uid(studies["no_bravo"])
     assert storescu(node.port, [studies["no_bravo"]]).returncode == 0
