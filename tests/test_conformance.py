@@ -1,6 +1,7 @@
 """docs/conformance.md against the code: the tables marked ``<!-- checked: NAME -->`` are parsed and compared with
-a real receiver's association negotiation (pynetdicom as the peer) and with the SEG and SR of a real
-``dicom-node segment`` run (3 mm synthetic study, the known-function model of test_pipeline_study)."""
+a real receiver's association negotiation (pynetdicom as the peer) and with the SEG, SR and Secondary Capture of a
+real ``dicom-node segment --secondary-capture`` run (3 mm synthetic study, the known-function model of
+test_pipeline_study)."""
 
 from __future__ import annotations
 
@@ -151,34 +152,47 @@ def test_scp_status_codes_are_those_of_the_receiver() -> None:
 
 
 def segment_outputs(tmp: Path) -> tuple[Path, Path]:
-    """``dicom-node segment`` on a 3 mm synthetic study with planted lesions: (its DICOM folder, its results)."""
+    """``dicom-node segment --secondary-capture`` on a 3 mm synthetic study with planted lesions: (its DICOM
+    folder, its results)."""
     write_study(lesion_study(0), tmp / "dicom")
     model = known_checkpoint(tmp / "known.safetensors", "t1_bravo_post")
     result = CliRunner().invoke(app, ["segment", str(tmp / "dicom"), "--out", str(tmp / "out"),
-                                      "--model", str(model), "--threads", "2"])
+                                      "--model", str(model), "--threads", "2", "--secondary-capture"])
     assert result.exit_code == 0, result.output
     return tmp / "dicom", tmp / "out"
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[pydicom.Dataset, pydicom.Dataset, pydicom.Dataset]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return segment_outputs(tmp_path_factory.mktemp("segment"))
+
+
+@pytest.fixture(scope="module")
+def outputs(run: tuple[Path, Path]) -> tuple[pydicom.Dataset, pydicom.Dataset, pydicom.Dataset]:
     """(SEG, SR, one source instance) of a real pipeline run."""
-    source, out = segment_outputs(tmp_path_factory.mktemp("segment"))
+    source, out = run
     return (pydicom.dcmread(out / "seg.dcm"), pydicom.dcmread(out / "sr.dcm"),
             pydicom.dcmread(next(source.rglob("*.dcm")), stop_before_pixels=True))
 
 
-def test_scu_sop_classes_are_those_of_the_outputs(outputs) -> None:
+@pytest.fixture(scope="module")
+def sc(run: tuple[Path, Path]) -> pydicom.Dataset:
+    """The run's first Secondary Capture key image (lesion 1)."""
+    return pydicom.dcmread(run[1] / "sc-0002.dcm")
+
+
+def test_scu_sop_classes_are_those_of_the_outputs(outputs, sc) -> None:
     seg, sr, _ = outputs
     stated = column("scu-sop-classes", "SOP class UID")
-    assert set(stated) == {seg.SOPClassUID, sr.SOPClassUID, VERIFICATION}
+    assert set(stated) == {seg.SOPClassUID, sr.SOPClassUID, sc.SOPClassUID, VERIFICATION}
 
 
-def test_scu_presentation_contexts_are_what_the_sender_proposes(outputs, tmp_path: Path) -> None:
+def test_scu_presentation_contexts_are_what_the_sender_proposes(outputs, sc, tmp_path: Path) -> None:
     seg, sr, _ = outputs
-    files = [tmp_path / "seg.dcm", tmp_path / "sr.dcm"]
+    files = [tmp_path / "seg.dcm", tmp_path / "sr.dcm", tmp_path / "sc.dcm"]
     seg.save_as(files[0], enforce_file_format=True)
     sr.save_as(files[1], enforce_file_format=True)
+    sc.save_as(files[2], enforce_file_format=True)
     planned = {(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in _plan_contexts([_read_header(f) for f in files])}
     planned.add((VERIFICATION, tuple(build_context(VERIFICATION).transfer_syntax)))  # what `dicom-node echo` proposes
     stated = {(row["UID"], tuple(ts.strip() for ts in row["transfer syntaxes proposed"].split(",")))
@@ -186,10 +200,10 @@ def test_scu_presentation_contexts_are_what_the_sender_proposes(outputs, tmp_pat
     assert stated == planned
 
 
-def test_output_facts_are_those_of_a_real_seg_and_sr(outputs) -> None:
+def test_output_facts_are_those_of_a_real_seg_sr_and_sc(outputs, sc) -> None:
     seg, sr, source = outputs
-    facts = {row["attribute"]: (row["SEG"], row["SR"]) for row in checked_table("output-facts")}
-    for i, ds in enumerate((seg, sr)):
+    facts = {row["attribute"]: (row["SEG"], row["SR"], row["SC"]) for row in checked_table("output-facts")}
+    for i, ds in enumerate((seg, sr, sc)):
         assert ds.SOPClassUID == facts["SOP Class UID"][i]
         assert ds.file_meta.TransferSyntaxUID == facts["Transfer syntax written"][i]
         assert ds.Modality == facts["Modality"][i]
@@ -202,6 +216,7 @@ def test_output_facts_are_those_of_a_real_seg_and_sr(outputs) -> None:
     template = sr.ContentTemplateSequence[0]
     assert facts["Content template (TID)"][1] == f"{template.TemplateIdentifier} ({template.MappingResource})"
     assert "ContentTemplateSequence" not in seg and facts["Content template (TID)"][0] == "-"
+    assert "ContentTemplateSequence" not in sc and facts["Content template (TID)"][2] == "-"
 
 
 def test_coded_terminology_is_the_code_table_of_the_writers(outputs) -> None:

@@ -87,7 +87,7 @@ CODES = {
     "threshold": THRESHOLD_VALUE, "long_axis": LONG_AXIS, "short_axis": SHORT_AXIS,
     "measurements": IMAGING_MEASUREMENTS, "derived": DERIVED_MEASUREMENTS, "qualitative": QUALITATIVE_EVALUATIONS,
     "count": LESION_COUNT, "count_ge_limit": LESION_COUNT_GE_LIMIT, "total_volume": TOTAL_VOLUME,
-    "role_present": ROLE_PRESENT,
+    "role_present": ROLE_PRESENT, "derivation": DERIVATION_SEGMENTATION, "source_purpose": SOURCE_FOR_PROCESSING,
 }
 
 UNITS = {
