@@ -8,8 +8,9 @@
 * Missing roles: the input channels of a missing role are zeros (``stack_25d``) and the ``present`` mask is
   passed to the model, whose input-level-dropout layer zeroes them and rescales the rest by
   ``n_roles / n_present`` (method spec). A model trained without ILD (baseline) refuses missing roles.
-* The probability map (sigmoid of the logits, float32, model grid) is linearly resampled onto the reference
-  series' own grid by :func:`pipeline.preprocess.probability_to_reference`.
+* The probability map (sigmoid of the logits, float32, model grid) is resampled onto the reference series' own
+  grid by :func:`pipeline.preprocess.probability_to_reference`, which interpolates its log-odds trilinearly
+  (continuing the model's bilinear upsampling of its logits; thresholding happens on the reference grid).
 """
 
 from __future__ import annotations
