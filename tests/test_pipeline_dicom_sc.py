@@ -16,6 +16,7 @@ from test_pipeline_dicom_out import study as study
 
 from pipeline.dicom_out import common, write_sc
 from pipeline.dicom_out.sc import KEY_COLOUR, MAX_KEY_IMAGES, SC_SERIES_DESCRIPTION, key_image_pixels
+from pipeline.lesions import find_lesions
 
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SUMMARY = np.full((120, 160, 3), 40, dtype=np.uint8)
@@ -111,3 +112,18 @@ def test_sc_dciodvfy_clean(sc, tmp_path):
     for ds in sc:
         errors = _dciodvfy_errors(ds, tmp_path, f"sc-{int(ds.InstanceNumber)}.dcm")
         assert errors == [], f"instance {ds.InstanceNumber}: {errors}"
+
+
+def test_no_lesion_gives_the_summary_only(sources, reference, result, tmp_path):
+    none = find_lesions(sitk.Cast(result.labels, sitk.sitkFloat32) * 0, 0.5)
+    (only,) = write_sc(sources, reference, none, ALGORITHM, summary=SUMMARY)
+    assert int(only.InstanceNumber) == 1 and "0 lesion(s)" in only.ImageComments
+    if DCIODVFY is not None:
+        assert _dciodvfy_errors(only, tmp_path, "summary.dcm") == []
+
+
+def test_key_images_capped_largest_first(sources, reference, result, monkeypatch):
+    monkeypatch.setattr("pipeline.dicom_out.sc.MAX_KEY_IMAGES", 1)
+    out = write_sc(sources, reference, result, ALGORITHM, summary=SUMMARY)
+    assert len(out) == 2 and "Met 1 -" in out[1].ImageComments
+    assert "key images of the 1 largest only" in out[0].ImageComments
