@@ -6,6 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+# Fixtures that several modules use, registered here once rather than imported by name in each module.
+from pg_harness import postgres  # noqa: F401 - a session's PostgreSQL server (tests/pg_harness.py)
+
 
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:

@@ -33,7 +33,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
-from test_pipeline_study import lesion_study, write_study
+from support.studies import lesion_study, write_study
 from test_receiver import dataset
 
 from dicom_node.receiver import (

@@ -7,7 +7,8 @@ import shutil
 
 import pydicom
 import pytest
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 from typer.testing import CliRunner
 
 from dicom_node.cli import app

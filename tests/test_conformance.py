@@ -22,7 +22,8 @@ from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
 )
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 from typer.testing import CliRunner
 
 from dicom_node import __version__, receiver

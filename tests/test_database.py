@@ -26,10 +26,10 @@ from node_harness import (
     storescu,
     wait_for,
 )
-from pg_harness import postgres  # noqa: F401 (fixture)
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 
 from dicom_node.db import Case, Instance, open_database, retry_transient
 from dicom_node.queue import claim
@@ -194,7 +194,7 @@ def test_sqlite_locked_past_the_busy_timeout_answers_a700_and_a_resend_completes
             assert set(_results(tmp_path / "dest")[uid]) == {"SEG", "SR"}
 
 
-def test_postgresql_restart_while_the_node_runs(tmp_path: Path, model: Path, studies, postgres) -> None:  # noqa: F811
+def test_postgresql_restart_while_the_node_runs(tmp_path: Path, model: Path, studies, postgres) -> None:
     url = postgres.database("restart")
     with storescp(tmp_path / "dest") as dest_port:
         cfg = node_config(tmp_path, model=model, destinations=[

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from node_harness import DICOM_NODE, ROOT, free_port
-from test_pipeline_study import IN_PLANE, THRESHOLD, known_model
+from support.known_model import IN_PLANE, THRESHOLD, known_model
 
 from pipeline.checkpoint import CheckpointMeta, save_checkpoint
 

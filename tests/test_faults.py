@@ -32,7 +32,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import select
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 
 from dicom_node.db import SENDING, Delivery, Instance, open_database
 

@@ -19,8 +19,9 @@ from node_harness import (
     storescu,
     wait_for,
 )
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 from test_phantom_dicom import _dciodvfy_problems
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dicom"
 DWI = REAL / "dcm_qa_ge" / "01_Ax_DWI_TENSOR_R2"  # a real GE DWI: no role for it (MANIFEST.md)

@@ -25,8 +25,9 @@ from orthanc_harness import (
 )
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 from test_phantom_dicom import DCIODVFY, _dciodvfy_problems
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
 
 pytestmark = [
     pytest.mark.slow,

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 from node_harness import free_port, storescp
-from pg_harness import postgres  # noqa: F401 (fixture)
-from test_pipeline_study import lesion_study, write_study
+from support.studies import lesion_study, write_study
 
 from dicom_node.cleaner import purge
 from dicom_node.config import CompletionSection, NodeConfig

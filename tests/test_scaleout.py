@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from load_harness import LoadStudy, run_load, study_copies
-from pg_harness import postgres  # noqa: F401 (fixture)
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_study_copies_are_distinct_studies(studies: list[LoadStudy]) -> None:
 
 
 @pytest.mark.timeout(1200)  # < 4 min on 2 idle cores; the margin is for a loaded CI runner
-def test_load_50_studies_4_associations_2_workers_on_postgresql(tmp_path: Path, postgres, model,  # noqa: F811
+def test_load_50_studies_4_associations_2_workers_on_postgresql(tmp_path: Path, postgres, model,
                                                                  studies: list[LoadStudy]) -> None:
     run = run_load(tmp_path, studies, model=model, url=postgres.database("load"), associations=ASSOCIATIONS,
                    workers=WORKERS, timeout=1000)

@@ -16,8 +16,9 @@ import pytest
 from node_harness import DCMTK_ENV, NodeProcess, node_config, storescp, wait_for
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 from test_faults import MISSING, Sender, _received_by_sop_uid
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
 from tls_certs import make_certificates
 
 from dicom_node.config import load_config

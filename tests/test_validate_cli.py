@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pipeline_study import known_model
+from support.known_model import known_model
 from typer.testing import CliRunner
 
 from dicom_node.cli import app

@@ -30,7 +30,8 @@ from node_harness import (
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 from test_queue import RULES, _receive
 
 from dicom_node import __version__, metrics

@@ -12,7 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from node_harness import NodeProcess, node_config, storescu, wait_for
-from test_pipeline_study import known_checkpoint, lesion_study, write_study
+from support.known_model import known_checkpoint
+from support.studies import lesion_study, write_study
 
 pytestmark = pytest.mark.slow
 
