@@ -26,7 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from pipeline.io import files_under, functional_group
+from pipeline.dicom_basics import files_under, functional_group
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import check_ae_title
-from pipeline.io import files_under
+from pipeline.dicom_basics import files_under
 
 LOG = logging.getLogger("dicom_node.scu")
 

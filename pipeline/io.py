@@ -34,6 +34,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from pipeline.dicom_basics import files_under, functional_group
+
 __all__ = [
     "DuplicatePositionError",
     "LoadedSeries",
@@ -46,8 +48,6 @@ __all__ = [
     "SeriesLoadError",
     "SingleSliceError",
     "SourceRef",
-    "files_under",
-    "functional_group",
     "group_files",
     "load_series",
     "load_series_dir",
@@ -153,21 +153,6 @@ def _is_multiframe(ds: Dataset) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
-def functional_group(ds: Dataset, keyword: str, frame: int = 0) -> Any:
-    """Functional group macro ``keyword`` (e.g. ``"PlanePositionSequence"``, a sequence) of 0-based ``frame`` of
-    an enhanced (multi-frame) instance: the frame's Per-Frame Functional Groups item, else the Shared one (a
-    macro belongs in one of them, PS3.3 C.7.6.16); None when neither has it. The one lookup of the project."""
-    for seq_kw, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        groups = ds.get(seq_kw)
-        try:
-            macro = groups[index].get(keyword) if groups is not None and len(groups) > index else None
-        except (TypeError, AttributeError):  # a malformed file: not a sequence of items
-            macro = None
-        if macro:
-            return macro
-    return None
-
-
 def _frame_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
     """First item of functional group ``keyword`` for 0-based ``frame``."""
     macro = functional_group(ds, keyword, frame)
@@ -232,15 +217,6 @@ def _read(path: Path, *, headers_only: bool) -> Dataset | None:
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         log.debug("skipping non-DICOM file %s (%s)", path.name, type(exc).__name__)
         return None
-
-
-def files_under(root: str | PathLike[str]) -> list[Path]:
-    """``root`` itself when it is a file, else every regular file under it (recursive), sorted by path: the one
-    folder walk of the project (no extension filter: GE files have none)."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def group_files(root: str | PathLike[str]) -> dict[str, list[Path]]:
