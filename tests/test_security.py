@@ -141,7 +141,7 @@ def test_tls_end_to_end_no_phi_in_logs_token_and_file_modes(tmp_path: Path, mode
             assert run.returncode == 0, run.stdout + run.stderr
             # Plain DICOM to the TLS port is not served.
             assert Sender(node.port).send(files[:1]) == 0
-            case = node.wait_state(uid, {"sent"})["case"]
+            case = node.wait_state(uid, {"sent"}, timeout=300)["case"]  # a nice-10 worker, slow under a busy -n auto
             got = wait_for(lambda: (c := _received_by_sop_uid(dest)) and len(c) == 2 and c, 10, "SEG and SR at "
                            "the TLS storescp")
             assert set(got.values()) == {1}
