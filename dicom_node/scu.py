@@ -492,11 +492,11 @@ def _open(
         LOG.warning("%s", error.reason)
         raise error
     _pop_connect_error(assoc)
-    _keep_answers_the_reactor_takes(assoc)
+    keep_answers_the_reactor_takes(assoc)
     return assoc
 
 
-def _keep_answers_the_reactor_takes(assoc: Association) -> None:
+def keep_answers_the_reactor_takes(assoc: Association) -> None:
     """Give back to the waiting ``send_c_*`` call any answer that pynetdicom's association reactor takes.
 
     pynetdicom (3.0.4 and its main branch) pauses the requestor's reactor for a request by clearing

@@ -43,7 +43,7 @@ from dicom_node.receiver import (
     STATUS_INVALID_UID,
     file_meta_bytes,
 )
-from dicom_node.scu import _keep_answers_the_reactor_takes
+from dicom_node.scu import keep_answers_the_reactor_takes
 from dicom_node.storage import quarantine_count
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def send(port: int, attempts: list[Attempt], folder: Path) -> list[int]:
         assoc = ae.associate("127.0.0.1", port, ae_title="ILD_NODE")
         assert assoc.is_established
         # this raw pynetdicom sender meets the same lost-answer race as the node's (#19): the same mend
-        _keep_answers_the_reactor_takes(assoc)
+        keep_answers_the_reactor_takes(assoc)
         try:
             return [int(assoc.send_c_store(p).Status) for p in paths]
         finally:
